@@ -1,0 +1,3 @@
+"""hpopt: distributed hyperparameter searches for atomistic ML potentials on Slurm clusters."""
+
+__version__ = "0.1.0"

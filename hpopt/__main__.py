@@ -1,0 +1,3 @@
+from hpopt.cli import main
+
+main()

@@ -6,13 +6,26 @@ import typer
 
 from hpopt.errors import HpoptError
 
-# command name -> (help text, where it is tracked)
-PENDING: dict[str, str] = {}
+# command name -> help text; entries leave this table as their features land.
+PENDING: dict[str, str] = {
+    "db": "Run the MariaDB server as its own Slurm job: start, stop, status, url",
+    "study": "Create, list, show and delete shared Optuna studies",
+    "launch": "Submit N worker jobs (submitit job array) that pull trials from a study",
+    "worker": "What each worker job runs: ask, train, tell until the budget is reached",
+    "status": "The DB job, the workers and the study in one view",
+    "best": "The best trial and the top-k with their train/validation gap",
+    "report": "Write CSV, JSON and plots of a study",
+    "retrain": "Retrain the best configuration and evaluate it once on the test split",
+    "dashboard": "Run optuna-dashboard against the study DB",
+    "export": "Export finished trials (e.g. to MLflow)",
+}
 
 
 def register(app: typer.Typer) -> None:
+    taken = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     for name, help_text in PENDING.items():
-        _add(app, name, help_text)
+        if name not in taken:
+            _add(app, name, help_text)
 
 
 def _add(app: typer.Typer, name: str, help_text: str) -> None:

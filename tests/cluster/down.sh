@@ -10,7 +10,7 @@ D="$HPOPT_CLUSTER_DIR"
 
 if [ -f "$D/run/slurmctld.pid" ] && kill -0 "$(cat "$D/run/slurmctld.pid")" 2>/dev/null; then
   scancel --quiet --full --user="$(id -un)" 2>/dev/null || true
-  sleep 1
+  for _ in $(seq 1 50); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
 fi
 
 stop() {  # stop NAME: SIGTERM, wait up to 15 s, then SIGKILL
@@ -27,6 +27,4 @@ stop() {  # stop NAME: SIGTERM, wait up to 15 s, then SIGKILL
 }
 
 for name in slurmd slurmctld slurmdbd acctdb munged; do stop "$name"; done
-# Job processes that outlived slurmd (proctrack/linuxproc cannot always reap them).
-pkill -f "slurmstepd: \[" 2>/dev/null || true
 if [ "${1:-}" = "--purge" ]; then rm -rf "$D"; echo "[cluster] removed $D"; fi

@@ -69,7 +69,7 @@ def config_presets() -> None:
 
 
 # Each module exposes `register(app)`; one line per feature.
-FEATURE_CLIS: list[str] = []
+FEATURE_CLIS: list[str] = ["hpopt.status_cli", "hpopt.results.cli", "hpopt.study_cli", "hpopt.launch_cli", "hpopt.db.cli", "hpopt.train.cli"]
 
 
 def _register_groups() -> None:

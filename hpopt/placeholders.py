@@ -8,16 +8,6 @@ from hpopt.errors import HpoptError
 
 # command name -> help text; entries leave this table as their features land.
 PENDING: dict[str, str] = {
-    "db": "Run the MariaDB server as its own Slurm job: start, stop, status, url",
-    "study": "Create, list, show and delete shared Optuna studies",
-    "launch": "Submit N worker jobs (submitit job array) that pull trials from a study",
-    "worker": "What each worker job runs: ask, train, tell until the budget is reached",
-    "status": "The DB job, the workers and the study in one view",
-    "best": "The best trial and the top-k with their train/validation gap",
-    "report": "Write CSV, JSON and plots of a study",
-    "retrain": "Retrain the best configuration and evaluate it once on the test split",
-    "dashboard": "Run optuna-dashboard against the study DB",
-    "export": "Export finished trials (e.g. to MLflow)",
 }
 
 

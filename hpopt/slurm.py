@@ -89,7 +89,7 @@ class Slurm:
         """True when the Slurm client tools are on PATH (else hpopt runs in local mode)."""
         return shutil.which("sbatch") is not None and shutil.which("squeue") is not None
 
-    def _run(self, args: Sequence[str], stdin: str | None = None) -> str:
+    def _run(self, args: Sequence[str], stdin: str | None = None, with_stderr: bool = False) -> str:
         if shutil.which(args[0]) is None:
             raise SlurmError(f"`{args[0]}` not found on PATH: is Slurm available here (or use --local)?")
         try:
@@ -100,7 +100,7 @@ class Slurm:
         if proc.returncode != 0:
             message = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
             raise SlurmError(f"{args[0]} failed: {message}")
-        return proc.stdout
+        return proc.stdout + proc.stderr if with_stderr else proc.stdout
 
     def submit(self, script: str, extra_args: Iterable[str] = ()) -> str:
         """Submit a batch script (given as text, on stdin) and return its job id."""
@@ -109,6 +109,14 @@ class Slurm:
         if not job_id.isdigit():
             raise SlurmError(f"sbatch returned no job id (output: {out!r})")
         return job_id
+
+    def test_only(self, script: str) -> str:
+        """Have sbatch validate a batch script without submitting it (`sbatch --test-only`).
+
+        Returns Slurm's estimate ("Job N to start at ... in partition P"); an invalid script
+        (unknown partition, account, gres) raises SlurmError with sbatch's reason.
+        """
+        return self._run(["sbatch", "--test-only"], stdin=script, with_stderr=True).strip()
 
     def queue(self, job_ids: Iterable[str] = (), name: str | None = None) -> dict[str, JobInfo]:
         """Live jobs from one squeue call, keyed by job id ('123' or '123_4')."""

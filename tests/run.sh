@@ -11,6 +11,8 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -m venv --help >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
 fi
+# Headless Chromium renders the HTML reports in tests/unit/test_results_browser.py.
+command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 # Torch first: 2.13.0 is a CPU build that lies on disk; an unpinned torch would pull a CUDA build.

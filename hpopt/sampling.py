@@ -1,0 +1,142 @@
+"""Sampling that stays cheap late in a big study, with many workers on one DB.
+
+Two costs dominate a plain shared Optuna study (measured: ~60 DB queries and ~50 ms of TPE CPU
+per trial at 3,000 trials), and both are removed here:
+
+* TPE walks every trial in Python on each ask. `WindowedTPESampler` hands it a bounded view:
+  every running trial, the `recent` newest finished trials and the `elite` best ones. TPE only
+  models the best ~25 trials as "good" (gamma) and down-weights old ones anyway, so samples are
+  practically the same; studies smaller than recent + elite are not trimmed at all.
+* `study.ask()` + one `suggest_*` per parameter costs a transaction per parameter plus re-reads
+  of the trial. `sample_params` samples every parameter up front from the snapshot the worker
+  has just synced (for its budget check), and the worker then creates the trial with all its
+  parameters in one transaction. Running trials in the snapshot act as TPE's constant liar.
+  This path is used for TPE and random sampling; CMA-ES and grid keep state in trial system
+  attributes and go through `study.ask()`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Container
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+
+class _BoundedView:
+    """A study whose trial lists are trimmed; everything else is the real study."""
+
+    def __init__(self, study: Any, recent: int, elite: int) -> None:
+        self._study = study
+        self._recent = recent
+        self._elite = elite
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return bound_trials(trials, self._recent, self._elite, self._study.directions[0])
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states, use_cache=False)
+
+
+def bound_trials(trials: list[FrozenTrial], recent: int, elite: int,
+                 direction: StudyDirection) -> list[FrozenTrial]:
+    """Running trials + the newest `recent` finished + the `elite` best complete, by number."""
+    finished = [t for t in trials if t.state != TrialState.RUNNING]
+    if len(finished) <= recent + elite:
+        return trials
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    finished.sort(key=lambda t: t.number)
+    kept = {t.number: t for t in finished[-recent:]}
+    complete = [t for t in finished[:-recent] if t.state == TrialState.COMPLETE and t.value is not None]
+    sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
+    for trial in heapq.nsmallest(elite, complete, key=lambda t: sign * t.value):
+        kept[trial.number] = trial
+    return sorted(kept.values(), key=lambda t: t.number) + running
+
+
+class _SnapshotView(_BoundedView):
+    """A study whose trials are a snapshot already read by the worker (no DB access), and
+    whose storage ignores the sampler's per-trial writes (the trial does not exist yet)."""
+
+    def __init__(self, study: Any, trials: list[FrozenTrial], recent: int, elite: int) -> None:
+        super().__init__(study, recent, elite)
+        self._trials = trials
+        self._storage = _NoTrialWrites(study._storage)
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
+        return bound_trials(trials, self._recent, self._elite, self._study.directions[0])
+
+
+class _NoTrialWrites:
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """TPE shares its relative params of a running trial this way; ours has them all at once."""
+
+
+def supports_snapshot(sampler: optuna.samplers.BaseSampler) -> bool:
+    """Samplers that keep no per-trial state, so they can sample before the trial exists."""
+    return isinstance(sampler, (WindowedTPESampler, optuna.samplers.RandomSampler))
+
+
+def sample_params(study: optuna.Study, space: Any, trials: list[FrozenTrial]) -> tuple[
+        dict[str, Any], dict[str, BaseDistribution], dict[str, Any]]:
+    """Sample a new trial's parameters from a snapshot: (params, distributions, all values).
+
+    The relative (multivariate) space is the unconditional parameters; conditional ones are
+    sampled independently, as Optuna does for parameters outside the intersection space.
+    """
+    sampler = study.sampler
+    recent, elite = (sampler._recent, sampler._elite) if isinstance(sampler, WindowedTPESampler) else (10**9, 0)
+    view = _SnapshotView(study, trials, recent, elite)
+    pending = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+                          datetime_complete=None, params={}, distributions={}, user_attrs={},
+                          system_attrs={}, intermediate_values={}, trial_id=-1)
+    relative_space = {p.name: p.distribution() for p in sorted(space.params, key=lambda p: p.name) if not p.when}
+    relative = sampler.sample_relative(view, pending, relative_space) if relative_space else {}
+    values: dict[str, Any] = dict(space.fixed)
+    params: dict[str, Any] = {}
+    dists: dict[str, BaseDistribution] = {}
+    for param in space.params:
+        if not param.active(values):
+            continue
+        dist = param.distribution()
+        value = relative[param.name] if param.name in relative else \
+            sampler.sample_independent(view, pending, param.name, dist)
+        params[param.name] = values[param.name] = value
+        dists[param.name] = dist
+        pending.params[param.name] = value
+        pending.distributions[param.name] = dist
+    return params, dists, values
+
+
+class WindowedTPESampler(optuna.samplers.TPESampler):
+    """`TPESampler(multivariate=True, constant_liar=True)` over a bounded view of the study."""
+
+    def __init__(self, *, seed: int | None = None, recent: int = 300, elite: int = 60) -> None:
+        super().__init__(multivariate=True, constant_liar=True, seed=seed)
+        self._recent = recent
+        self._elite = elite
+
+    def sample_relative(self, study: Any, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        return super().sample_relative(_BoundedView(study, self._recent, self._elite), trial, search_space)
+
+    def sample_independent(self, study: Any, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        view = _BoundedView(study, self._recent, self._elite)
+        return super().sample_independent(view, trial, param_name, param_distribution)

@@ -1,0 +1,286 @@
+"""Which Optuna storage a run uses, opened one way for everyone (CLI, workers, status).
+
+An endpoint file in the run directory means the MariaDB server job is in charge: we build an
+`RDBStorage` from the endpoint + credentials files. No endpoint file means local mode: an Optuna
+`JournalStorage` on `run_dir.journal_file`, which needs no server at all.
+
+Liveness of trials is handled here for both backends, because Optuna only does half of it:
+its heartbeat thread runs only inside `study.optimize()` (not with ask/tell, optuna#3293), stale
+trials are only failed when someone calls `fail_stale_trials`, and JournalStorage has no
+heartbeat at all. So the worker beats with `beat()` from its own thread, and every worker
+(and `hpopt study show`) calls `reap_stale()`, which fails trials whose last beat is older than
+the grace period and enqueues a retry with the same parameters (`RetryStale`, a
+`RetryHeartbeatStaleTrialCallback`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from hpopt.rundir import RunDir
+
+log = logging.getLogger("hpopt.storage")
+
+# Journal mode keeps its heartbeat as a trial system attribute (wall-clock seconds).
+HEARTBEAT_ATTR = "hpopt:heartbeat"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How often a running trial proves it is alive, and how long silence means it is dead.
+
+    The grace period must outlast a DB renewal (the server job restarting elsewhere), or trials
+    of healthy workers that were merely cut off would be failed and run twice. Override with
+    HPOPT_WORKER_HEARTBEAT_S / HPOPT_WORKER_GRACE_S / HPOPT_WORKER_MAX_RETRY (tests shorten them).
+    """
+
+    heartbeat_s: int = 30
+    grace_s: int = 600
+    max_retry: int = 2
+
+    @staticmethod
+    def from_env(env: dict[str, str] | None = None) -> "Liveness":
+        env = dict(os.environ) if env is None else env
+        default = Liveness()
+        return Liveness(
+            heartbeat_s=int(env.get("HPOPT_WORKER_HEARTBEAT_S", default.heartbeat_s)),
+            grace_s=int(env.get("HPOPT_WORKER_GRACE_S", default.grace_s)),
+            max_retry=int(env.get("HPOPT_WORKER_MAX_RETRY", default.max_retry)),
+        )
+
+
+class RetryStale(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry callback (same params, WAITING copy), plus a log line per retried trial."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        log.warning("trial %d went stale (no heartbeat); re-queued with the same parameters", trial.number)
+        super().__call__(study, trial)
+
+
+def pool_size_for(pool_size: int | None) -> dict[str, Any]:
+    """SQLAlchemy engine options for one process.
+
+    MariaDB allows 151 connections by default and SQLAlchemy's default pool is 5 + 10 overflow
+    per process, so ten workers could exhaust the server on their own. A worker uses at most
+    two at once (its main thread and its heartbeat thread), so we keep 2 + 2: 32 workers then
+    need at most 128 connections, leaving room for status, the dashboard and the DB job's tools.
+    `pool_pre_ping` replaces connections the server dropped (restart, wait_timeout) instead of
+    failing the next query; `pool_recycle` stays below MariaDB's 8 h wait_timeout.
+    """
+    size = 2 if pool_size is None else max(1, pool_size)
+    return {"pool_size": size, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600,
+            "pool_timeout": 30}
+
+
+def open_storage(run_dir: RunDir, *, pool_size: int | None = None, create_schema: bool = False,
+                 liveness: Liveness | None = None) -> BaseStorage:
+    """The run's storage: MariaDB when an endpoint file exists, else the local journal.
+
+    `create_schema=True` is for `hpopt study create` only: workers never create tables, because
+    eight of them racing `create_all` on an empty MariaDB crash with "Duplicate entry" on the
+    alembic version row or "Table ... already exists".
+    """
+    liveness = liveness or Liveness.from_env()
+    if run_dir.endpoint_file.exists():
+        from hpopt.db.endpoint import sqlalchemy_url
+
+        url = sqlalchemy_url(run_dir, show_password=True)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            backend = RDBStorage(
+                url,
+                engine_kwargs=pool_size_for(pool_size),
+                skip_table_creation=not create_schema,
+                heartbeat_interval=liveness.heartbeat_s,
+                grace_period=liveness.grace_s,
+                heartbeat_stale_trial_callback=RetryStale(max_retry=liveness.max_retry),
+            )
+        return optuna.storages.get_storage(backend)  # wraps it in Optuna's trial cache
+    run_dir.ensure()
+    return JournalStorage(JournalFileBackend(str(run_dir.journal_file)))
+
+
+def close_storage(storage: BaseStorage) -> None:
+    """Give the DB connections back now (a reconnect replaces the storage object)."""
+    backend = getattr(storage, "_backend", storage)
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+def beat(storage: BaseStorage, trial_id: int) -> None:
+    """Record that the trial's worker is alive (RDB: Optuna's heartbeat table; journal: an attr)."""
+    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+    else:
+        storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+
+def reap_stale(study: optuna.Study, liveness: Liveness | None = None) -> None:
+    """Fail RUNNING trials whose worker stopped beating and queue a retry of each.
+
+    RDB: Optuna's own `fail_stale_trials` (DB clock, runs the storage's `RetryStale`). Journal:
+    the same rule on our heartbeat attribute. A trial that never beat is left alone, exactly
+    like Optuna does; the worker beats before it starts training to keep that window tiny.
+    """
+    storage = study._storage
+    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        optuna.storages.fail_stale_trials(study)
+        return
+    liveness = liveness or Liveness.from_env()
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = trial.system_attrs.get(HEARTBEAT_ATTR)
+        if last is None or now - float(last) <= liveness.grace_s:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process reaped it first
+        RetryStale(max_retry=liveness.max_retry)(study, storage.get_trial(trial._trial_id))
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Errors that mean "the DB is not reachable right now", worth reconnecting and retrying.
+
+    Optuna wraps SQLAlchemy errors raised inside its sessions in StorageInternalError, so the
+    whole cause chain is inspected. A missing endpoint file counts too (the DB job is renewing).
+    """
+    import sqlalchemy.exc
+
+    transient = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                 sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError, ConnectionError,
+                 FileNotFoundError)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, transient):
+            return True
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _mysql_backend(storage: BaseStorage) -> RDBStorage | None:
+    """The RDBStorage under Optuna's cache when it talks to MariaDB/MySQL, else None."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) and backend.engine.name == "mysql" else None
+
+
+# The worker's two writes per trial, each one transaction of a few statements on MariaDB.
+#
+# Through Optuna's ORM a trial costs ~35 queries: creating it with its parameters checks each
+# parameter's distribution against the study and re-reads the trial (~15 queries), then the
+# first heartbeat, the user attrs and the final state are a transaction each. Here the same rows
+# go into Optuna 5.0's own tables (its SQLAlchemy table objects, pinned version) in one
+# transaction for "start" and one for "finish". Distributions need no check: they all come from
+# the study's stored search space. The first heartbeat is written with the trial, so a trial can
+# never be RUNNING without a heartbeat (Optuna never reaps those). Other backends fall back to
+# Optuna's storage API, which does the same in more steps.
+
+
+def start_trial(storage: BaseStorage, study_id: int, params: dict[str, Any],
+                distributions: dict[str, Any]) -> tuple[int, int]:
+    """Create a RUNNING trial with its parameters and first heartbeat; returns (trial_id, number)."""
+    backend = _mysql_backend(storage)
+    if backend is None:
+        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                               datetime_complete=None, params=params, distributions=distributions,
+                               user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1)
+        trial_id = storage.create_new_trial(study_id, template_trial=template)
+        beat(storage, trial_id)
+        return trial_id, trial_number(storage, trial_id)
+    import sqlalchemy as sa
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+
+    trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
+    with backend.engine.begin() as conn:
+        # Numbers are "trials created before this one". Two workers counting at once would both
+        # miss each other's uncommitted row and share a number, so trial creation is serialized
+        # per study by locking its row first (the count's read view starts after the lock).
+        conn.execute(sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update())
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores naive UTC
+        trial_id = conn.execute(sa.insert(trials).values(study_id=study_id, state=TrialState.RUNNING,
+                                                         datetime_start=now)).inserted_primary_key[0]
+        number = conn.execute(sa.select(sa.func.count(trials.c.trial_id)).where(
+            trials.c.study_id == study_id, trials.c.trial_id < trial_id)).scalar_one()  # as Optuna numbers
+        conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id).values(number=number))
+        if params:
+            conn.execute(sa.insert(models.TrialParamModel.__table__), [
+                {"trial_id": trial_id, "param_name": name, "param_value": distributions[name].to_internal_repr(value),
+                 "distribution_json": distribution_to_json(distributions[name])} for name, value in params.items()])
+        conn.execute(sa.insert(models.TrialHeartbeatModel.__table__).values(trial_id=trial_id,
+                                                                            heartbeat=sa.func.now()))
+    return trial_id, number
+
+
+def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, value: float | None,
+                 attrs: dict[str, Any]) -> bool:
+    """Store user attrs, value and final state at once; False if the trial is no longer RUNNING
+    (it was reaped as stale while this worker could not reach the DB)."""
+    backend = _mysql_backend(storage)
+    if backend is None:
+        try:
+            for key, attr in attrs.items():
+                storage.set_trial_user_attr(trial_id, key, attr)
+            storage.set_trial_state_values(trial_id, state=state, values=None if value is None else [value])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+    import json
+
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+    from sqlalchemy.dialects.mysql import insert
+
+    trials = models.TrialModel.__table__
+    with backend.engine.begin() as conn:
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        claimed = conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id,
+                                                       trials.c.state == TrialState.RUNNING)
+                               .values(state=state, datetime_complete=now)).rowcount
+        if not claimed:
+            return False
+        if value is not None:
+            stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+            conn.execute(sa.insert(models.TrialValueModel.__table__).values(
+                trial_id=trial_id, objective=0, value=stored, value_type=kind))
+        if attrs:
+            stmt = insert(models.TrialUserAttributeModel.__table__).values(
+                [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
+            conn.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json))
+    return True
+
+
+def count_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int] | None:
+    """Trials per state in one `GROUP BY` query on MariaDB (None elsewhere: read the trials)."""
+    backend = _mysql_backend(storage)
+    if backend is None:
+        return None
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel.__table__
+    with backend.engine.connect() as conn:
+        rows = conn.execute(sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id)
+                            .group_by(trials.c.state)).all()
+    return {state: n for state, n in rows}
+
+
+def trial_number(storage: BaseStorage, trial_id: int) -> int:
+    """A new trial's number without a DB round trip when Optuna's RDB cache already knows it."""
+    cached = getattr(storage, "_trial_id_to_study_id_and_number", {}).get(trial_id)
+    return cached[1] if cached else storage.get_trial(trial_id).number

@@ -1,0 +1,149 @@
+"""`trainer: amptorch`: the same trial config trained by upstream amptorch's `AtomsTrainer`.
+
+amptorch (GPL-3.0, github.com/ulissigroup/amptorch) is imported, never vendored, and only when
+this backend is chosen. Upstream HEAD 02e5af3 on torch 2.x / skorch 1.x / numpy 2 needs runtime
+fixes, all applied here and scoped to one trial:
+
+* skorch renamed `CVSplit` to `ValidSplit`: alias it before amptorch imports it;
+* skorch calls `on_batch_end(net, batch=(Xi, yi), ...)`: amptorch's MemEffEpochScoring wants `y`;
+* torch >= 2.6 loads with `weights_only=True`, but amptorch's config.pt / normalizers.pt hold
+  pickled classes: its own `torch.load` calls get `weights_only=False` (files it just wrote);
+* process-wide side effects are undone after every trial: the default dtype (amptorch sets
+  float64), the working directory (it `chdir`s into run_dir, which must be absolute), its
+  checkpoints and ./processed fingerprints (a temp dir, deleted), its prints and tqdm bars
+  (silenced), and its mutation of the config dict (it gets a deep copy).
+
+The trial is scored by explicit predictions on the validation images after every epoch, never
+from amptorch's `history` (its "best" checkpoint is picked on an epoch-averaged training MAE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from hpopt.errors import HpoptError
+from hpopt.train.config import TrainConfig
+
+ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "sigmoid": "Sigmoid",
+               "softplus": "Softplus", "elu": "ELU", "leakyrelu": "LeakyReLU"}
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+
+
+def available() -> bool:
+    try:
+        import amptorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def amptorch_config(cfg: TrainConfig, images: list[Atoms], run_dir: str, device: str) -> dict[str, Any]:
+    """The AtomsTrainer config for a trial (energies only, no internal validation split)."""
+    if cfg.model.initialization != "xavier":
+        raise HpoptError("trainer amptorch supports model.initialization: xavier only")
+    if cfg.dataset.fp_scheme == "weighted" or cfg.dataset.angular_cutoff not in (0.0, cfg.dataset.cutoff):
+        raise HpoptError("trainer amptorch supports fp_scheme gaussian/auto with one cutoff only")
+    m, o = cfg.model, cfg.optim
+    elements = sorted({s for atoms in images for s in atoms.get_chemical_symbols()})
+    return {
+        "model": {"name": m.name, "get_forces": False, "num_layers": len(m.widths), "num_nodes": m.widths[0],
+                  "hidden_layers": m.widths, "activation": getattr(torch.nn, ACTIVATIONS[m.activation]),
+                  "batchnorm": m.batchnorm, "dropout": m.dropout, "dropout_rate": m.dropout_rate,
+                  "initialization": m.initialization},
+        "optim": {"gpus": 1 if device.startswith("cuda") else 0, "force_coefficient": 0.0, "lr": o.lr,
+                  "batch_size": o.batch_size, "epochs": o.epochs, "loss": o.loss, "metric": "mae",
+                  "optimizer": getattr(torch.optim, OPTIMIZERS[o.optimizer]),
+                  "optimizer_args": {"optimizer__weight_decay": o.weight_decay},
+                  **({"scheduler": o.scheduler} if o.scheduler else {})},
+        "dataset": {"raw_data": images, "val_split": 0, "elements": elements, "fp_scheme": "gaussian",
+                    "fp_params": {"default": {**cfg.dataset.fp_params, "cutoff": cfg.dataset.cutoff}},
+                    "save_fps": False, "scaling": {"type": "normalize", "range": (0, 1)}},
+        "cmd": {"debug": False, "run_dir": run_dir, "seed": cfg.cmd.seed, "identifier": "trial",
+                "verbose": False, "logger": False,
+                "dtype": torch.DoubleTensor if cfg.cmd.dtype == "float64" else torch.FloatTensor},
+    }
+
+
+def _patch_upstream() -> None:
+    """Idempotent compatibility fixes that must be in place before amptorch is imported."""
+    import skorch.dataset
+
+    if not hasattr(skorch.dataset, "CVSplit"):
+        skorch.dataset.CVSplit = skorch.dataset.ValidSplit
+    from amptorch.metrics import MemEffEpochScoring
+
+    if not getattr(MemEffEpochScoring.on_batch_end, "_hpopt", False):
+        original = MemEffEpochScoring.on_batch_end
+
+        def on_batch_end(self: Any, net: Any, batch: Any = None, y: Any = None, y_pred: Any = None,
+                         training: bool = False, **kwargs: Any) -> Any:
+            if y is None and batch is not None:
+                y = batch[1]
+            return original(self, net, y=y, y_pred=y_pred, training=training, **kwargs)
+
+        on_batch_end._hpopt = True  # type: ignore[attr-defined]
+        MemEffEpochScoring.on_batch_end = on_batch_end
+
+
+@contextlib.contextmanager
+def _contained() -> Iterator[str]:
+    """An absolute temp run_dir; cwd, default dtype, torch.load and stdout restored afterwards."""
+    cwd, dtype, load = os.getcwd(), torch.get_default_dtype(), torch.load
+
+    def trusted_load(*args: Any, **kwargs: Any) -> Any:  # amptorch's own files, just written
+        kwargs.setdefault("weights_only", False)
+        return load(*args, **kwargs)
+
+    with tempfile.TemporaryDirectory(prefix="hpopt-amptorch-") as run_dir:
+        torch.load = trusted_load
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield run_dir
+        finally:
+            torch.load = load
+            torch.set_default_dtype(dtype)
+            os.chdir(cwd)
+
+
+def _energies(trainer: Any, images: list[Atoms]) -> np.ndarray:
+    return np.asarray(trainer.predict(images, disable_tqdm=True)["energy"], dtype=float).reshape(-1)
+
+
+def train_and_predict(cfg: TrainConfig, train_images: list[Atoms], val_images: list[Atoms], *,
+                      on_epoch: Callable[[int, float, float], None] | None, device: str
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Train with AtomsTrainer; return (train predictions, validation predictions, epochs run)."""
+    if not available():
+        raise HpoptError("trainer amptorch needs amptorch importable (pip install "
+                         "git+https://github.com/ulissigroup/amptorch); use trainer: native")
+    _patch_upstream()
+    import skorch.callbacks
+    from amptorch.trainer import AtomsTrainer
+
+    train_true = np.array([a.get_potential_energy() for a in train_images])
+    val_true = np.array([a.get_potential_energy() for a in val_images])
+    epochs = [0]
+
+    class Report(skorch.callbacks.Callback):  # explicit predictions, never amptorch's history
+        def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+            epochs[0] += 1
+            if on_epoch is not None:
+                val_mae = float(np.mean(np.abs(_energies(trainer, val_images) - val_true)))
+                train_mae = float(np.mean(np.abs(_energies(trainer, train_images) - train_true)))
+                on_epoch(epochs[0], val_mae, train_mae)
+
+    with _contained() as run_dir:
+        trainer = AtomsTrainer(amptorch_config(cfg, list(train_images), run_dir, device))
+        trainer.load()  # upstream ignores cmd.custom_callback: add ours, then train as pretrained
+        trainer.net.callbacks.append(Report())
+        trainer.pretrained = True
+        trainer.train()
+        return _energies(trainer, train_images), _energies(trainer, val_images), epochs[0]

@@ -1,0 +1,171 @@
+"""The worker loop in local (journal) mode with a fake trainer: budget, pruning, attrs, failures,
+signals, the walltime guard, and kill -9 of a worker mid-trial (reaped and retried)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpopt.rundir import RunDir
+from hpopt.space import parse_space
+from hpopt.storage import Liveness, open_storage
+from hpopt.study import StudySpec, create_study
+from hpopt.worker import Settings, run_worker
+
+SPACE = {"optim": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}, "epochs": 4},
+         "model": {"dropout": {"type": "categorical", "choices": [False, True]},
+                   "dropout_rate": {"type": "float", "low": 0.1, "high": 0.5, "when": {"model.dropout": True}}}}
+FAST = Settings(poll_s=0.2, liveness=Liveness(heartbeat_s=1, grace_s=3, max_retry=2))
+
+# A fake trainer: val MAE depends on lr, each epoch sleeps EPOCH_S (a real trainer's shape).
+WORKER_SCRIPT = """
+import math, sys, time
+from pathlib import Path
+from hpopt.rundir import RunDir
+from hpopt.worker import run_worker
+EPOCH_S = float(sys.argv[3])
+def trainer(config, split, on_epoch, device):
+    lr = config["optim"]["lr"]
+    for epoch in range(config["optim"]["epochs"]):
+        time.sleep(EPOCH_S)
+        val = abs(math.log10(lr) + 2.5) + 1.0 / (epoch + 1)
+        on_epoch(epoch, val, 0.9 * val)
+    return {"val_mae": val, "train_mae": 0.9 * val, "val_mae_per_atom": val / 8, "epochs_run": epoch + 1}
+run_worker(RunDir(Path(sys.argv[1])), sys.argv[2], worker_tag=sys.argv[4], trainer=trainer)
+"""
+
+
+def fake_trainer(config, split, on_epoch, device, epoch_s: float = 0.0):
+    import math
+
+    lr = config["optim"]["lr"]
+    for epoch in range(config["optim"]["epochs"]):
+        time.sleep(epoch_s)
+        val = abs(math.log10(lr) + 2.5) + 1.0 / (epoch + 1)
+        on_epoch(epoch, val, 0.9 * val)
+    return {"val_mae": val, "train_mae": 0.9 * val, "val_mae_per_atom": val / 8, "train_mae_per_atom": val / 9,
+            "baseline_val_mae": 3.0, "epochs_run": epoch + 1}
+
+
+def make_study(tmp_path: Path, budget: int, pruner: str = "median") -> RunDir:
+    run_dir = RunDir(tmp_path / ".hpopt").ensure()
+    create_study(open_storage(run_dir, create_schema=True),
+                 StudySpec("s", parse_space(SPACE), split="/split.json", budget=budget, pruner=pruner))
+    return run_dir
+
+
+def trials_of(run_dir: RunDir) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="s", storage=open_storage(run_dir)).get_trials()
+
+
+def test_worker_runs_the_budget_with_pruning_and_stores_attrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    run_dir = make_study(tmp_path, budget=14)
+    seen = []
+
+    def trainer(config, split, on_epoch, device):
+        seen.append((split, device))
+        return fake_trainer(config, split, on_epoch, device)
+
+    assert run_worker(run_dir, "s", trainer=trainer, settings=FAST) == 14
+    trials = trials_of(run_dir)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 14 and len(trials) == 14
+    assert TrialState.PRUNED in states  # the median pruner acted on the per-epoch validation MAE
+    done = next(t for t in trials if t.state == TrialState.COMPLETE)
+    assert {"worker_job_id", "array_index", "host", "gpu", "wall_s", "epochs", "train_mae", "val_mae",
+            "val_mae_per_atom", "train_mae_per_atom", "baseline_val_mae", "device"} <= set(done.user_attrs)
+    assert done.user_attrs["worker_job_id"] == "77_3" and done.user_attrs["array_index"] == 3
+    assert done.user_attrs["gpu"] == "2" and done.user_attrs["device"] == "cpu" and done.user_attrs["epochs"] == 4
+    assert done.value == done.user_attrs["val_mae"] and sorted(done.intermediate_values) == [0, 1, 2, 3]
+    assert seen[0] == ("/split.json", "cpu")
+    log = (run_dir.worker_logs_dir / "worker-77_3.log").read_text()
+    assert "device cpu (CUDA_VISIBLE_DEVICES='2')" in log and "budget reached: 14/14" in log
+
+
+def test_trainer_errors_fail_the_trial_not_the_worker(tmp_path: Path) -> None:
+    run_dir = make_study(tmp_path, budget=5)
+
+    def broken(config, split, on_epoch, device):
+        raise RuntimeError("CUDA out of memory")
+
+    assert run_worker(run_dir, "s", trainer=broken, settings=FAST) == 0
+    trials = trials_of(run_dir)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3  # stops after 3 failures in a row
+    assert trials[0].user_attrs["error"] == "CUDA out of memory"
+
+
+def test_no_trial_is_started_that_cannot_finish_before_the_deadline(tmp_path: Path) -> None:
+    import torch  # noqa: F401 - imported up front so a loaded CI machine spends the time here
+
+    run_dir = make_study(tmp_path, budget=50, pruner="none")
+    trainer = lambda c, s, cb, d: fake_trainer(c, s, cb, d, epoch_s=0.1)  # ~0.4 s a trial
+    settings = Settings(poll_s=0.2, margin_s=0.5, liveness=FAST.liveness)
+    deadline = time.time() + 4.0
+    finished = run_worker(run_dir, "s", deadline=deadline, trainer=trainer, settings=settings, worker_tag="dl")
+    assert finished >= 1 and time.time() < deadline
+    assert "stopping: a trial takes" in (run_dir.worker_logs_dir / "dl.log").read_text()
+    assert not [t for t in trials_of(run_dir) if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+
+
+def spawn(run_dir: RunDir, tag: str, epoch_s: float) -> subprocess.Popen:
+    env = dict(os.environ, HPOPT_WORKER_HEARTBEAT_S="1", HPOPT_WORKER_GRACE_S="3", HPOPT_WORKER_POLL_S="0.3")
+    return subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, str(run_dir.root), "s", str(epoch_s), tag],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def running_trial(run_dir: RunDir, tag: str, timeout: float = 30) -> int:
+    """The trial the worker `tag` is training now (from its log)."""
+    log = run_dir.worker_logs_dir / f"{tag}.log"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        started = re.findall(r"trial (\d+): start", log.read_text()) if log.exists() else []
+        if started:
+            return int(started[-1])
+        time.sleep(0.05)
+    raise AssertionError(f"{tag} never started a trial")
+
+
+def test_kill_9_mid_trial_is_reaped_and_retried_with_the_same_params(tmp_path: Path) -> None:
+    run_dir = make_study(tmp_path, budget=10, pruner="none")
+    victim = spawn(run_dir, "victim", epoch_s=1.0)
+    number = running_trial(run_dir, "victim")
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    others = [spawn(run_dir, f"w{i}", epoch_s=0.05) for i in range(2)]
+    for proc in others:
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    trials = trials_of(run_dir)
+    killed = trials[number]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 10
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+
+
+def test_sigterm_abandons_the_trial_cleanly_and_it_is_rerun(tmp_path: Path) -> None:
+    run_dir = make_study(tmp_path, budget=3, pruner="none")
+    worker = spawn(run_dir, "term", epoch_s=1.0)
+    number = running_trial(run_dir, "term")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0, worker.stderr.read()
+    trials = trials_of(run_dir)
+    assert trials[number].state == TrialState.FAIL and "SIGTERM" in trials[number].user_attrs["abandoned"]
+    assert [t.state for t in trials if t.system_attrs.get("failed_trial") == number] == [TrialState.WAITING]
+    assert run_worker(run_dir, "s", trainer=fake_trainer, settings=FAST) == 3
+    retry = next(t for t in trials_of(run_dir) if t.system_attrs.get("failed_trial") == number)
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[number].params

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import hpopt
 from hpopt.config import Config
 from hpopt.errors import HpoptError
+from hpopt.procs import process_alive
 from hpopt.rundir import RunDir, read_json, write_json_atomic
 from hpopt.slurm import Slurm
 
@@ -378,21 +379,7 @@ def append_launch(run_dir: RunDir, record: dict[str, Any]) -> None:
 
 def worker_alive(pid: int) -> bool:
     """A live hpopt process with this pid: not a zombie, not a stranger that reused the pid."""
-    proc = Path(f"/proc/{pid}")
-    if proc.parent.is_dir():  # Linux: look at what the pid is now
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X") and "hpopt" in cmdline
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid, lambda argv: any("hpopt" in arg for arg in argv))
 
 
 @dataclass

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from hpopt.errors import HpoptError
+from hpopt.train.config import read_config_file
 from hpopt.rundir import RunDir
 
 study_app = typer.Typer(
@@ -32,20 +33,6 @@ def _run_dir() -> RunDir:
     from hpopt.context import current_config
 
     return RunDir(current_config().run_path)
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise HpoptError(f"trainer config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise HpoptError(f"{path.name}: not valid YAML/JSON ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise HpoptError(f"{path.name}: must be a mapping of config sections (model, optim, ...)")
-    return data
 
 
 @study_app.command("create")
@@ -68,7 +55,7 @@ def create(
     parsed = load_space(space).with_overrides(parse_overrides(overrides))
     if not split.exists():
         raise HpoptError(f"split manifest not found: {split} (make one with `hpopt split SOURCE --name NAME`)")
-    spec = StudySpec(name=name, space=parsed, base_config=_read_mapping(config_base) if config_base else {},
+    spec = StudySpec(name=name, space=parsed, base_config=read_config_file(config_base) if config_base else {},
                      split=str(split.resolve()), budget=budget, sampler=sampler, pruner=pruner,
                      direction=direction)
     spec.check()

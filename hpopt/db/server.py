@@ -28,6 +28,7 @@ from hpopt.db import job as job_module
 from hpopt.db import probe
 from hpopt.db.endpoint import Endpoint, ensure_credentials, read_credentials, read_endpoint
 from hpopt.errors import HpoptError
+from hpopt.procs import process_alive
 from hpopt.rundir import RunDir, read_json, write_json_atomic
 from hpopt.slurm import ACTIVE_STATES, DONE_STATES, Slurm
 
@@ -149,24 +150,8 @@ def _utcnow() -> str:
 
 def local_runner_alive(pid: int | None) -> bool:
     """True while our runner process lives (not a zombie, not a stranger that reused the pid)."""
-    if not pid:
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.parent.exists():  # Linux: check what the pid is now
-        try:
-            stat = (proc / "stat").read_text()
-            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            return False
-        ours = "--run-dir" in argv and any(arg.endswith(os.path.join("db", "job.py")) for arg in argv)
-        return ours and stat.rsplit(")", 1)[-1].split()[0] != "Z"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    job_script = os.path.join("db", "job.py")
+    return process_alive(pid, lambda argv: "--run-dir" in argv and any(a.endswith(job_script) for a in argv))
 
 
 def _active_slurm_ids(record: JobRecord, slurm: Slurm, endpoint: Endpoint | None = None) -> dict[str, str]:

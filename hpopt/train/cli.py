@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from hpopt.errors import HpoptError
+from hpopt.train.config import read_config_file
 
 console = Console()
 
@@ -26,21 +27,6 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise HpoptError(f"--fractions must be three numbers like 0.8,0.1,0.1, got {text!r}")
     return values  # type: ignore[return-value]
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """A trial config from YAML or JSON (JSON is YAML, so one parser reads both)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise HpoptError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise HpoptError(f"{path}: not valid YAML/JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise HpoptError(f"{path}: a trial config must be a mapping with model/optim/dataset/cmd keys")
-    return data
 
 
 def split(
@@ -93,7 +79,7 @@ def train(
     from hpopt.train.api import run_trial
     from hpopt.train.config import parse_config
 
-    raw = _read_config(config)
+    raw = read_config_file(config)
     parsed = parse_config(raw)
     if epochs is not None:
         raw.setdefault("optim", {})["epochs"] = epochs

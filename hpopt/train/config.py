@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from hpopt.errors import HpoptError
@@ -211,3 +212,18 @@ def parse_config(raw: dict[str, Any] | TrainConfig | None) -> TrainConfig:
             raise HpoptError(f"train config: unknown key '{key}' (known: {', '.join([*SECTIONS, 'trainer'])})")
     _validate(cfg)
     return cfg
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A trainer config from YAML or JSON (JSON is YAML, so one parser reads both)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise HpoptError(f"trainer config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise HpoptError(f"{path}: not valid YAML/JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise HpoptError(f"{path}: a trainer config must be a mapping with model/optim/dataset/cmd keys")
+    return data

@@ -9,8 +9,8 @@ its heartbeat thread runs only inside `study.optimize()` (not with ask/tell, opt
 trials are only failed when someone calls `fail_stale_trials`, and JournalStorage has no
 heartbeat at all. So the worker beats with `beat()` from its own thread, and every worker
 (and `hpopt study show`) calls `reap_stale()`, which fails trials whose last beat is older than
-the grace period and enqueues a retry with the same parameters (`RetryStale`, a
-`RetryHeartbeatStaleTrialCallback`).
+the grace period and enqueues a retry with the same parameters (`fail_and_requeue`, Optuna's
+`RetryHeartbeatStaleTrialCallback` rule in one transaction on MariaDB).
 """
 
 from __future__ import annotations
@@ -60,14 +60,6 @@ class Liveness:
         )
 
 
-class RetryStale(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry callback (same params, WAITING copy), plus a log line per retried trial."""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        log.warning("trial %d went stale (no heartbeat); re-queued with the same parameters", trial.number)
-        super().__call__(study, trial)
-
-
 def pool_size_for(pool_size: int | None) -> dict[str, Any]:
     """SQLAlchemy engine options for one process.
 
@@ -104,7 +96,7 @@ def open_storage(run_dir: RunDir, *, pool_size: int | None = None, create_schema
                 skip_table_creation=not create_schema,
                 heartbeat_interval=liveness.heartbeat_s,
                 grace_period=liveness.grace_s,
-                heartbeat_stale_trial_callback=RetryStale(max_retry=liveness.max_retry),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=liveness.max_retry),
             )
         return optuna.storages.get_storage(backend)  # wraps it in Optuna's trial cache
     run_dir.ensure()
@@ -130,26 +122,24 @@ def beat(storage: BaseStorage, trial_id: int) -> None:
 def reap_stale(study: optuna.Study, liveness: Liveness | None = None) -> None:
     """Fail RUNNING trials whose worker stopped beating and queue a retry of each.
 
-    RDB: Optuna's own `fail_stale_trials` (DB clock, runs the storage's `RetryStale`). Journal:
-    the same rule on our heartbeat attribute. A trial that never beat is left alone, exactly
-    like Optuna does; the worker beats before it starts training to keep that window tiny.
+    RDB: Optuna's stale rule (DB clock); journal: the same rule on our heartbeat attribute. A
+    trial that never beat is left alone, exactly like Optuna does; the worker beats before it
+    starts training to keep that window tiny. Each trial is failed and re-queued by
+    `fail_and_requeue`, atomically on MariaDB.
     """
     storage = study._storage
-    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
-        optuna.storages.fail_stale_trials(study)
-        return
     liveness = liveness or Liveness.from_env()
-    now = time.time()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        last = trial.system_attrs.get(HEARTBEAT_ATTR)
-        if last is None or now - float(last) <= liveness.grace_s:
-            continue
-        try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process reaped it first
-        RetryStale(max_retry=liveness.max_retry)(study, storage.get_trial(trial._trial_id))
+    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+        stale = list(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
+    else:
+        now = time.time()
+        stale = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if t.system_attrs.get(HEARTBEAT_ATTR) is not None
+                 and now - float(t.system_attrs[HEARTBEAT_ATTR]) > liveness.grace_s]
+    for trial_id in stale:
+        if fail_and_requeue(study, trial_id, {}, liveness.max_retry):
+            log.warning("trial %d went stale (no heartbeat); re-queued with the same parameters",
+                        trial_number(storage, trial_id))
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -191,17 +181,21 @@ def _mysql_backend(storage: BaseStorage) -> RDBStorage | None:
 # Optuna's storage API, which does the same in more steps.
 
 
-def start_trial(storage: BaseStorage, study_id: int, params: dict[str, Any],
-                distributions: dict[str, Any]) -> tuple[int, int]:
-    """Create a RUNNING trial with its parameters and first heartbeat; returns (trial_id, number)."""
+def start_trial(storage: BaseStorage, study_id: int, params: dict[str, Any], distributions: dict[str, Any],
+                user_attrs: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Create a RUNNING trial with its parameters, user attrs (who runs it, for `hpopt status`) and
+    first heartbeat; returns (trial_id, number)."""
+    user_attrs = user_attrs or {}
     backend = _mysql_backend(storage)
     if backend is None:
         template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
                                datetime_complete=None, params=params, distributions=distributions,
-                               user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1)
+                               user_attrs=dict(user_attrs), system_attrs={}, intermediate_values={}, trial_id=-1)
         trial_id = storage.create_new_trial(study_id, template_trial=template)
         beat(storage, trial_id)
         return trial_id, trial_number(storage, trial_id)
+    import json
+
     import sqlalchemy as sa
     from optuna.distributions import distribution_to_json
     from optuna.storages._rdb import models
@@ -222,6 +216,9 @@ def start_trial(storage: BaseStorage, study_id: int, params: dict[str, Any],
             conn.execute(sa.insert(models.TrialParamModel.__table__), [
                 {"trial_id": trial_id, "param_name": name, "param_value": distributions[name].to_internal_repr(value),
                  "distribution_json": distribution_to_json(distributions[name])} for name, value in params.items()])
+        if user_attrs:
+            conn.execute(sa.insert(models.TrialUserAttributeModel.__table__), [
+                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()])
         conn.execute(sa.insert(models.TrialHeartbeatModel.__table__).values(trial_id=trial_id,
                                                                             heartbeat=sa.func.now()))
     return trial_id, number
@@ -240,11 +237,8 @@ def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, value: 
         except optuna.exceptions.UpdateFinishedTrialError:
             return False
         return True
-    import json
-
     import sqlalchemy as sa
     from optuna.storages._rdb import models
-    from sqlalchemy.dialects.mysql import insert
 
     trials = models.TrialModel.__table__
     with backend.engine.begin() as conn:
@@ -258,11 +252,88 @@ def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, value: 
             stored, kind = models.TrialValueModel.value_to_stored_repr(value)
             conn.execute(sa.insert(models.TrialValueModel.__table__).values(
                 trial_id=trial_id, objective=0, value=stored, value_type=kind))
-        if attrs:
-            stmt = insert(models.TrialUserAttributeModel.__table__).values(
-                [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
-            conn.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json))
+        _upsert_user_attrs(conn, trial_id, attrs)
     return True
+
+
+def _upsert_user_attrs(conn: Any, trial_id: int, attrs: dict[str, Any]) -> None:
+    """Insert or overwrite a trial's user attrs inside a MariaDB transaction (JSON, like Optuna)."""
+    if not attrs:
+        return
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy.dialects.mysql import insert
+
+    stmt = insert(models.TrialUserAttributeModel.__table__).values(
+        [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
+    conn.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json))
+
+
+def fail_and_requeue(study: optuna.Study, trial_id: int, attrs: dict[str, Any], max_retry: int | None) -> bool:
+    """Fail a RUNNING trial (stale or abandoned) and queue a WAITING copy with its parameters, as
+    Optuna's RetryHeartbeatStaleTrialCallback does (system attrs `failed_trial`, `retry_history`;
+    no copy past `max_retry`). False if the trial was no longer RUNNING.
+
+    On MariaDB both happen in one transaction. In two steps (Optuna's way), a worker counting
+    trials between them sees a free slot and no retry, starts a fresh trial in the slot, and the
+    retry queued a moment later is left WAITING when the fleet finishes the budget without it.
+    """
+    storage = study._storage
+    backend = _mysql_backend(storage)
+    if backend is None:
+        if not finish_trial(storage, trial_id, TrialState.FAIL, None, attrs):
+            return False
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, storage.get_trial(trial_id))
+        return True
+    import json
+
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
+    params, user, system = (models.TrialParamModel.__table__, models.TrialUserAttributeModel.__table__,
+                            models.TrialSystemAttributeModel.__table__)
+    with backend.engine.begin() as conn:
+        study_id, number = conn.execute(sa.select(trials.c.study_id, trials.c.number)
+                                        .where(trials.c.trial_id == trial_id)).one()
+        conn.execute(sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update())
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        claimed = conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id,
+                                                       trials.c.state == TrialState.RUNNING)
+                               .values(state=TrialState.FAIL, datetime_complete=now)).rowcount
+        if not claimed:
+            return False
+        _upsert_user_attrs(conn, trial_id, attrs)
+        sys_attrs = {k: json.loads(v) for k, v in conn.execute(
+            sa.select(system.c.key, system.c.value_json).where(system.c.trial_id == trial_id))}
+        sys_attrs = {"failed_trial": number, "retry_history": [], **sys_attrs}
+        sys_attrs["retry_history"] = [*sys_attrs["retry_history"], number]
+        if max_retry is not None and len(sys_attrs["retry_history"]) > max_retry:
+            return True
+        retry_id = conn.execute(sa.insert(trials).values(study_id=study_id, state=TrialState.WAITING,
+                                                         datetime_start=None)).inserted_primary_key[0]
+        retry_number = conn.execute(sa.select(sa.func.count(trials.c.trial_id)).where(
+            trials.c.study_id == study_id, trials.c.trial_id < retry_id)).scalar_one()
+        conn.execute(sa.update(trials).where(trials.c.trial_id == retry_id).values(number=retry_number))
+        for table, columns in ((params, ("param_name", "param_value", "distribution_json")),
+                               (user, ("key", "value_json"))):
+            conn.execute(sa.insert(table).from_select(
+                ["trial_id", *columns],
+                sa.select(sa.literal(retry_id), *(table.c[c] for c in columns)).where(table.c.trial_id == trial_id)))
+        conn.execute(sa.insert(system), [{"trial_id": retry_id, "key": k, "value_json": json.dumps(v)}
+                                         for k, v in sys_attrs.items()])
+    return True
+
+
+def withdraw(storage: BaseStorage, trial_id: int, attrs: dict[str, Any]) -> bool:
+    """Take a WAITING trial out of the queue as FAIL with `attrs`; False if a worker popped it first."""
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return finish_trial(storage, trial_id, TrialState.FAIL, None, attrs)
 
 
 def count_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int] | None:

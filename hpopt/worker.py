@@ -37,8 +37,8 @@ from hpopt.errors import HpoptError
 from hpopt.rundir import RunDir
 from hpopt.sampling import sample_params, supports_snapshot
 from hpopt.space import apply_values
-from hpopt.storage import (Liveness, RetryStale, beat, close_storage, count_states, finish_trial,
-                           is_disconnect, open_storage, reap_stale, start_trial)
+from hpopt.storage import (Liveness, beat, close_storage, count_states, fail_and_requeue, finish_trial,
+                           is_disconnect, open_storage, reap_stale, start_trial, withdraw)
 from hpopt.study import Experiment, load_experiment
 
 T = TypeVar("T")
@@ -313,6 +313,8 @@ class Worker:
             trials, counts, budget = self.conn.call(self._refresh)
             if budget_reached(counts, budget):
                 self.log.info("budget reached: %d/%d trials finished", counts.finished, budget)
+                if counts.waiting:
+                    self.conn.call(self._withdraw_queued)
                 break
             if failures_exhausted(counts, budget):
                 self.log.error("%d trials failed (budget %d): stopping; see the worker logs", counts.failed, budget)
@@ -366,6 +368,18 @@ class Worker:
             counts = tally(self.snapshot)
         return self.snapshot, counts, exp.budget
 
+    def _withdraw_queued(self, exp: Experiment) -> None:
+        """The budget is finished: a retry still queued can only be surplus (journal mode, where a
+        retry is queued apart from failing its trial), so it must not outlive the fleet."""
+        for trial in exp.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if withdraw(exp.study._storage, trial._trial_id, {"surplus": True}):
+                self.log.info("trial %d: queued retry withdrawn, the budget is finished", trial.number)
+
+    def _identity(self) -> dict[str, Any]:
+        """Who runs a trial, stored when it starts so `hpopt status` can show it."""
+        return {"worker_job_id": self.ident.job_id, "array_index": self.ident.array_index,
+                "host": self.ident.host, "gpu": self.ident.gpu, "device": self.device}
+
     def _ask(self, exp: Experiment, trials: list[optuna.trial.FrozenTrial], counts: Tally) -> Asked:
         """Create our next trial and beat for it at once (a trial that never beat is never reaped).
 
@@ -378,9 +392,11 @@ class Worker:
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask()
             beat(storage, trial._trial_id)
+            for key, value in self._identity().items():
+                storage.set_trial_user_attr(trial._trial_id, key, value)
             return Asked(trial._trial_id, trial.number, exp.space.suggest(trial))
         params, dists, values = sample_params(study, exp.space, trials)
-        trial_id, number = start_trial(storage, study._study_id, params, dists)
+        trial_id, number = start_trial(storage, study._study_id, params, dists, self._identity())
         return Asked(trial_id, number, values)
 
     def _surplus(self, asked: Asked, budget: int) -> bool:
@@ -424,8 +440,7 @@ class Worker:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         self.log.info("trial %d: start %s", asked.number, asked.values)
-        attrs: dict[str, Any] = {"worker_job_id": self.ident.job_id, "array_index": self.ident.array_index,
-                                 "host": self.ident.host, "gpu": self.ident.gpu, "device": self.device}
+        attrs: dict[str, Any] = {}
         try:
             with Heartbeat(self.conn, trial_id, self.settings.liveness.heartbeat_s):
                 result = dict(self.trainer(config, exp.split, on_epoch, self.device))
@@ -451,12 +466,15 @@ class Worker:
         return Outcome(state, value, attrs, intermediate, unreported, abandoned)
 
     def _report(self, trial_id: int, epoch: int, val_mae: float) -> bool | None:
-        """Report an epoch and ask the pruner; None: the DB is away, keep training unpruned."""
+        """Report an epoch and ask the pruner; None: the DB is away, or the trial was reaped (a
+        missed beat), so keep training unpruned and let `_tell` store or recover the result."""
         try:
             exp = self.conn.exp
             storage = exp.study._storage
             storage.set_trial_intermediate_value(trial_id, epoch, val_mae)
             return bool(exp.study.pruner.prune(exp.study, storage.get_trial(trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return None
         except Exception as exc:  # noqa: BLE001
             if not is_disconnect(exc):
                 raise
@@ -474,32 +492,39 @@ class Worker:
         try:
             for step in sorted(outcome.unreported):
                 storage.set_trial_intermediate_value(asked.trial_id, step, outcome.intermediate[step])
-            told = finish_trial(storage, asked.trial_id, outcome.state, value, outcome.attrs)
+            told = (fail_and_requeue(exp.study, asked.trial_id, outcome.attrs, max_retry=None) if outcome.abandoned
+                    else finish_trial(storage, asked.trial_id, outcome.state, value, outcome.attrs))
         except optuna.exceptions.UpdateFinishedTrialError:
             told = False
         if not told:
             self._recover(exp, storage.get_trial(asked.trial_id), outcome)
             return
         if outcome.abandoned:
-            RetryStale(max_retry=None)(exp.study, storage.get_trial(asked.trial_id))
             self.log.info("trial %d abandoned and re-queued with the same parameters", asked.number)
 
     def _recover(self, exp: Experiment, frozen: optuna.trial.FrozenTrial, outcome: Outcome) -> None:
-        """Our trial was reaped as stale while the DB was away: keep our result as a new trial
-        and withdraw the retry that was queued for it, so the budget is not spent twice."""
+        """Our trial was reaped as stale (DB away, or a beat missed under load) while it trained.
+
+        Its retry holds its budget slot. If the retry is still queued, withdraw it and keep our
+        result in its place. If another worker already runs (or ran) it, adding our result would
+        spend the slot twice: keep it as a FAIL trial whose user attrs hold the numbers.
+        """
         if outcome.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
-        for retry in exp.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if retry.system_attrs.get("failed_trial") == frozen.number and \
-                    exp.study._storage.set_trial_state_values(retry._trial_id, state=TrialState.RUNNING):
-                exp.study._storage.set_trial_user_attr(retry._trial_id, "superseded", True)
-                exp.study._storage.set_trial_state_values(retry._trial_id, state=TrialState.FAIL)
+        storage = exp.study._storage
+        retries = [t for t in exp.study.get_trials(deepcopy=False)
+                   if t.system_attrs.get("retry_history", [None])[-1] == frozen.number]
+        superseded = any(withdraw(storage, t._trial_id, {"superseded": True}) for t in retries
+                         if t.state == TrialState.WAITING)
+        kept = outcome.state if superseded or not retries else TrialState.FAIL
         exp.study.add_trial(optuna.trial.create_trial(
-            state=outcome.state, value=outcome.value if outcome.state == TrialState.COMPLETE else None,
+            state=kept, value=outcome.value if kept == TrialState.COMPLETE else None,
             params=frozen.params, distributions=frozen.distributions,
-            user_attrs={**outcome.attrs, "recovered_from": frozen.number},
+            user_attrs={**self._identity(), **outcome.attrs, "recovered_from": frozen.number,
+                        **({} if kept == outcome.state else {"duplicate_of_retry": retries[0].number})},
             intermediate_values=outcome.intermediate))
-        self.log.warning("trial %d had been reaped while the DB was away; its result was kept", frozen.number)
+        self.log.warning("trial %d had been reaped while it trained; its result was kept%s", frozen.number,
+                         "" if kept == outcome.state else f" as FAIL (retry {retries[0].number} already started)")
 
 
 def slurm_deadline(job_id: str) -> float | None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import optuna
 import pymysql
@@ -25,6 +25,7 @@ from hpopt.db.endpoint import read_credentials, read_endpoint, sqlalchemy_url
 from hpopt.db.server import local_runner_alive, read_job_record
 from hpopt.rundir import RunDir
 from hpopt.slurm import Slurm
+from polling import wait_for
 
 needs_mariadbd = pytest.mark.skipif(shutil.which("mariadbd") is None,
                                     reason="mariadbd not installed (apt-get install mariadb-server)")
@@ -65,15 +66,6 @@ def query(run_dir: RunDir, sql: str) -> list[tuple]:
     finally:
         conn.close()
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
 
 
 def ready_seconds(output: str) -> float:
@@ -195,7 +187,9 @@ def test_slurm_db_lifecycle(renewing_db: dict[str, Any], cluster_env: dict[str, 
 
         stopped = hpopt(["db", "stop"], env, tmp_path).stdout
         assert f"stopped DB {job_id}" in stopped
-        assert slurm.states([job_id])[job_id].state == "COMPLETED"  # the runner exited 0 after a clean shutdown
+        ended = wait_for(lambda: (s := slurm.states([job_id]).get(job_id)) and not s.is_active and s,
+                         timeout=60, what=f"job {job_id} ending")  # sacct records the end a moment later
+        assert ended.state == "COMPLETED"  # the runner exited 0 after a clean shutdown
         assert "mariadbd stopped (exit 0)" in (run_dir.logs_dir / f"db-{job_id}.log").read_text()
         report = status_json(env, tmp_path)
         assert report["state"] == "COMPLETED" and report["reachable"] is False

@@ -21,7 +21,7 @@ import pytest
 
 from hpopt.launch import active_launches, read_launches
 from hpopt.rundir import RunDir
-from hpopt.slurm import Slurm, SlurmError
+from hpopt.slurm import JobInfo, Slurm, SlurmError
 
 pytestmark = pytest.mark.cluster
 
@@ -74,6 +74,18 @@ class Project:
         while active_launches(self.run_dir, study, slurm):
             assert time.monotonic() < deadline, f"workers of {study} still active after {timeout} s"
             time.sleep(1)
+
+    def final_accounting(self, job_id: str, tasks: int, timeout: float = 60) -> dict[str, JobInfo]:
+        """sacct's view once every task has a final state (slurmdbd records job ends a little
+        after the tasks leave squeue, so a first read can still say RUNNING)."""
+        slurm = Slurm(env=self.env)
+        deadline = time.monotonic() + timeout
+        while True:
+            done = slurm.accounting([job_id])
+            if len(done) == tasks and not any(info.is_active for info in done.values()):
+                return done
+            assert time.monotonic() < deadline, f"sacct has no final state for {job_id} after {timeout} s: {done}"
+            time.sleep(0.5)
 
     def cleanup(self) -> None:
         """Cancel every job this project submitted, then stop its DB (the data is thrown away)."""
@@ -191,7 +203,7 @@ def test_submitit_array_of_8_gpu_workers_finishes_the_budget(project: Project) -
     assert project.hpopt(*args, "--dry-run").stdout == submitted
 
     project.wait_idle("sub")
-    done = Slurm(env=project.env).accounting([job_id])
+    done = project.final_accounting(job_id, 8)
     assert sorted(done) == [f"{job_id}_{i}" for i in range(8)]
     assert {info.state for info in done.values()} == {"COMPLETED"}, done
     runs = worker_runs(project.run_dir, job_id)

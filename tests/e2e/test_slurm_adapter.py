@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from hpopt.slurm import Slurm, SlurmError
+from polling import wait_for
 
 pytestmark = pytest.mark.cluster
 
-
-def _wait(predicate, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def test_gpu_array_gets_distinct_devices(cluster, shared_tmp: Path) -> None:
@@ -32,7 +23,7 @@ def test_gpu_array_gets_distinct_devices(cluster, shared_tmp: Path) -> None:
     job_id = slurm.submit(script)
     assert job_id.isdigit()
 
-    live = _wait(lambda: {k: v for k, v in slurm.queue([job_id]).items() if v.state == "RUNNING"} or None)
+    live = wait_for(lambda: {k: v for k, v in slurm.queue([job_id]).items() if v.state == "RUNNING"} or None)
     assert all(info.array_job_id == job_id for info in live.values())
     assert {info.array_task for info in live.values()} <= {0, 1, 2, 3}
 
@@ -40,7 +31,7 @@ def test_gpu_array_gets_distinct_devices(cluster, shared_tmp: Path) -> None:
         states = slurm.states([f"{job_id}_{i}" for i in range(4)])
         return states if len(states) == 4 and all(s.state == "COMPLETED" for s in states.values()) else None
 
-    done = _wait(all_done, timeout=90)
+    done = wait_for(all_done, timeout=90)
     assert {s.source for s in done.values()} == {"sacct"}
     assert all(s.exit_code == "0:0" for s in done.values())
     devices = {(shared_tmp / f"task_{i}.out").read_text().strip() for i in range(4)}
@@ -50,11 +41,11 @@ def test_gpu_array_gets_distinct_devices(cluster, shared_tmp: Path) -> None:
 def test_pending_reason_and_cancel(cluster) -> None:
     slurm = Slurm(env=cluster)
     job_id = slurm.submit("#!/bin/bash\n#SBATCH --hold\n#SBATCH --job-name=hpopt-test-held\nsleep 30\n")
-    info = _wait(lambda: slurm.queue([job_id]).get(job_id))
+    info = wait_for(lambda: slurm.queue([job_id]).get(job_id))
     assert info.is_pending and info.reason  # held jobs report JobHeldUser
     assert slurm.show_job(job_id)["JobName"] == "hpopt-test-held"
     slurm.cancel([job_id])
-    final = _wait(lambda: (s := slurm.states([job_id]).get(job_id)) and not s.is_active and s)
+    final = wait_for(lambda: (s := slurm.states([job_id]).get(job_id)) and not s.is_active and s)
     assert final.state == "CANCELLED"
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import optuna
 import pytest
@@ -22,6 +21,7 @@ from hpopt.db.endpoint import sqlalchemy_url
 from hpopt.rundir import RunDir, write_json_atomic
 from hpopt.slurm import Slurm
 from hpopt.status import StatusCollector
+from polling import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -63,16 +63,6 @@ def running_db(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
 
 def hpopt_status(run: RunDir, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return hpopt(run, env, "status", *args)
-
-
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def test_nothing_started(cluster, tmp_path: Path) -> None:

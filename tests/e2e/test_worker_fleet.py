@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import optuna
 import pytest
@@ -29,6 +29,7 @@ from hpopt.db.endpoint import read_endpoint
 from hpopt.rundir import RunDir
 from hpopt.slurm import Slurm
 from hpopt.storage import open_storage
+from polling import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -44,15 +45,6 @@ model:
   dropout_rate: {type: float, low: 0.05, high: 0.3, when: {model.dropout: true}}
 """
 
-
-def wait_for(predicate, timeout: float = 90.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,69 @@ def test_sigterm_abandons_the_trial_cleanly_and_it_is_rerun(tmp_path: Path) -> N
     assert run_worker(run_dir, "s", trainer=fake_trainer, settings=FAST) == 3
     retry = next(t for t in trials_of(run_dir) if t.system_attrs.get("failed_trial") == number)
     assert retry.state == TrialState.COMPLETE and retry.params == trials[number].params
+
+
+def _running_trial_id(storage) -> int:
+    [trial] = optuna.load_study(study_name="s", storage=storage).get_trials(states=(TrialState.RUNNING,))
+    return trial._trial_id
+
+
+def test_a_retry_queued_after_its_slot_was_taken_does_not_outlive_the_budget(tmp_path: Path) -> None:
+    """The flaky-fleet race, made deterministic: a reaper fails a dead worker's trial, a worker
+    counts in that instant (a free slot, no retry queued yet) and starts a fresh trial, then the
+    retry is queued. The fresh trial finishes the budget; the retry must not be left WAITING."""
+    run_dir = make_study(tmp_path, budget=1, pruner="none")
+    storage = open_storage(run_dir)
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.enqueue_trial({"optim.lr": 1e-3, "model.dropout": False})
+    dead = study.ask()  # the killed worker's trial, already failed by the paused reaper
+    storage.set_trial_state_values(dead._trial_id, state=TrialState.FAIL)
+    calls = []
+
+    def trainer(config, split, on_epoch, device):
+        if not calls:  # the reaper resumes while our fresh trial trains
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(dead._trial_id))
+        calls.append(1)
+        return fake_trainer(config, split, on_epoch, device)
+
+    assert run_worker(run_dir, "s", trainer=trainer, settings=FAST) == 1
+    trials = trials_of(run_dir)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 1
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert retry.state == TrialState.FAIL and retry.user_attrs["surplus"] is True
+
+
+def test_a_live_trial_reaped_mid_training_keeps_its_result_without_spending_the_slot_twice(tmp_path: Path) -> None:
+    """A beat missed under load: our trial is reaped while it trains. While its retry is still
+    queued, our result takes the retry's place; once another worker ran the retry, our result is
+    kept as FAIL (numbers in its attrs) so the budget is not overshot."""
+    from hpopt.storage import fail_and_requeue, finish_trial
+
+    run_dir = make_study(tmp_path, budget=3, pruner="none")
+    storage = open_storage(run_dir)
+    study = optuna.load_study(study_name="s", storage=storage)
+    calls = []
+
+    def trainer(config, split, on_epoch, device):
+        calls.append(1)
+        if len(calls) <= 2:
+            assert fail_and_requeue(study, _running_trial_id(storage), {}, max_retry=2)  # another worker reaps us
+        if len(calls) == 2:  # ... and yet another one runs the retry to completion before we tell
+            [retry] = study.get_trials(states=(TrialState.WAITING,))
+            assert storage.set_trial_state_values(retry._trial_id, state=TrialState.RUNNING)
+            assert finish_trial(storage, retry._trial_id, TrialState.COMPLETE, 1.5, {})
+        return fake_trainer(config, split, on_epoch, device)
+
+    run_worker(run_dir, "s", trainer=trainer, settings=FAST)
+    trials = trials_of(run_dir)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    first, second = sorted((t for t in trials if "recovered_from" in t.user_attrs), key=lambda t: t.number)
+    assert first.state == TrialState.COMPLETE and first.value == first.user_attrs["val_mae"]
+    assert [t.user_attrs.get("superseded") for t in trials
+            if t.system_attrs.get("retry_history", [None])[-1] == first.user_attrs["recovered_from"]] == [True]
+    assert second.state == TrialState.FAIL and second.user_attrs["val_mae"] > 0
+    assert second.user_attrs["gpu"] == "" and "duplicate_of_retry" in second.user_attrs

@@ -69,18 +69,22 @@ def config_presets() -> None:
 
 
 # Each module exposes `register(app)`; one line per feature.
-FEATURE_CLIS: list[str] = ["hpopt.status_cli", "hpopt.results.cli", "hpopt.study_cli", "hpopt.launch_cli", "hpopt.db.cli", "hpopt.train.cli"]
+FEATURE_CLIS: list[str] = [
+    "hpopt.db.cli",
+    "hpopt.train.cli",
+    "hpopt.study_cli",
+    "hpopt.launch_cli",
+    "hpopt.status_cli",
+    "hpopt.results.cli",
+]
 
 
 def _register_groups() -> None:
-    """Attach every feature's commands; import here so `hpopt --help` stays cheap."""
+    """Attach every feature's commands to the root app."""
     import importlib
-
-    from hpopt import placeholders
 
     for module in FEATURE_CLIS:
         importlib.import_module(module).register(app)
-    placeholders.register(app)
 
 
 _register_groups()

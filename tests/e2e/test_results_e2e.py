@@ -23,7 +23,6 @@ from hpopt.rundir import RunDir
 from hpopt.slurm import Slurm
 
 pytestmark = pytest.mark.cluster
-pytest.importorskip("hpopt.train.api", reason="trainer (hpopt/train/api.py) not built yet")
 
 STUDY = "e2e-results"
 SPACE = """

@@ -8,11 +8,11 @@ per trial at 3,000 trials), and both are removed here:
   models the best ~25 trials as "good" (gamma) and down-weights old ones anyway, so samples are
   practically the same; studies smaller than recent + elite are not trimmed at all.
 * `study.ask()` + one `suggest_*` per parameter costs a transaction per parameter plus re-reads
-  of the trial. `sample_params` samples every parameter up front from the snapshot the worker
-  has just synced (for its budget check), and the worker then creates the trial with all its
-  parameters in one transaction. Running trials in the snapshot act as TPE's constant liar.
-  This path is used for TPE and random sampling; CMA-ES and grid keep state in trial system
-  attributes and go through `study.ask()`.
+  of the trial. `sample_params` samples every parameter up front from the window of the
+  snapshot the worker last synced (`sampler_window`, bounded once per snapshot, not per ask),
+  and the worker then claims the trial with all its parameters in one transaction. Running
+  trials in the snapshot act as TPE's constant liar. This path is used for TPE and random
+  sampling; CMA-ES and grid keep state in trial system attributes and go through `study.ask()`.
 """
 
 from __future__ import annotations
@@ -62,19 +62,24 @@ def bound_trials(trials: list[FrozenTrial], recent: int, elite: int,
     return sorted(kept.values(), key=lambda t: t.number) + running
 
 
-class _SnapshotView(_BoundedView):
-    """A study whose trials are a snapshot already read by the worker (no DB access), and
-    whose storage ignores the sampler's per-trial writes (the trial does not exist yet)."""
+class _SnapshotView:
+    """A study whose trials are a window already read by the worker (no DB access), and whose
+    storage ignores the sampler's per-trial writes (the trial does not exist yet)."""
 
-    def __init__(self, study: Any, trials: list[FrozenTrial], recent: int, elite: int) -> None:
-        super().__init__(study, recent, elite)
-        self._trials = trials
+    def __init__(self, study: Any, window: list[FrozenTrial]) -> None:
+        self._study = study
+        self._window = window
         self._storage = _NoTrialWrites(study._storage)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
-        return bound_trials(trials, self._recent, self._elite, self._study.directions[0])
+        return self._window if states is None else [t for t in self._window if t.state in states]
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return self._get_trials(deepcopy=deepcopy, states=states)
 
 
 class _NoTrialWrites:
@@ -93,16 +98,25 @@ def supports_snapshot(sampler: optuna.samplers.BaseSampler) -> bool:
     return isinstance(sampler, (WindowedTPESampler, optuna.samplers.RandomSampler))
 
 
-def sample_params(study: optuna.Study, space: Any, trials: list[FrozenTrial]) -> tuple[
+def sampler_window(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The part of a snapshot the sampler looks at (computed once per snapshot: in a study of
+    thousands of trials, bounding costs more than sampling)."""
+    sampler = study.sampler
+    if isinstance(sampler, WindowedTPESampler):
+        return bound_trials(trials, sampler._recent, sampler._elite, study.directions[0])
+    return trials
+
+
+def sample_params(study: optuna.Study, space: Any, window: list[FrozenTrial]) -> tuple[
         dict[str, Any], dict[str, BaseDistribution], dict[str, Any]]:
-    """Sample a new trial's parameters from a snapshot: (params, distributions, all values).
+    """Sample a new trial's parameters from a snapshot's `sampler_window`: (params, distributions,
+    all values).
 
     The relative (multivariate) space is the unconditional parameters; conditional ones are
     sampled independently, as Optuna does for parameters outside the intersection space.
     """
     sampler = study.sampler
-    recent, elite = (sampler._recent, sampler._elite) if isinstance(sampler, WindowedTPESampler) else (10**9, 0)
-    view = _SnapshotView(study, trials, recent, elite)
+    view = _SnapshotView(study, window)
     pending = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
                           datetime_complete=None, params={}, distributions={}, user_attrs={},
                           system_attrs={}, intermediate_values={}, trial_id=-1)
@@ -134,9 +148,12 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
 
     def sample_relative(self, study: Any, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        return super().sample_relative(_BoundedView(study, self._recent, self._elite), trial, search_space)
+        return super().sample_relative(self._bounded(study), trial, search_space)
 
     def sample_independent(self, study: Any, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
-        view = _BoundedView(study, self._recent, self._elite)
-        return super().sample_independent(view, trial, param_name, param_distribution)
+        return super().sample_independent(self._bounded(study), trial, param_name, param_distribution)
+
+    def _bounded(self, study: Any) -> Any:
+        """A snapshot's window is bounded already; a live study is bounded on each read."""
+        return study if isinstance(study, _SnapshotView) else _BoundedView(study, self._recent, self._elite)

@@ -175,53 +175,93 @@ def _mysql_backend(storage: BaseStorage) -> RDBStorage | None:
 # parameter's distribution against the study and re-reads the trial (~15 queries), then the
 # first heartbeat, the user attrs and the final state are a transaction each. Here the same rows
 # go into Optuna 5.0's own tables (its SQLAlchemy table objects, pinned version) in one
-# transaction for "start" and one for "finish". Distributions need no check: they all come from
+# transaction for "claim" and one for "finish". Distributions need no check: they all come from
 # the study's stored search space. The first heartbeat is written with the trial, so a trial can
-# never be RUNNING without a heartbeat (Optuna never reaps those). Other backends fall back to
-# Optuna's storage API, which does the same in more steps.
+# never be RUNNING without a heartbeat (Optuna never reaps those).
 
 
-def start_trial(storage: BaseStorage, study_id: int, params: dict[str, Any], distributions: dict[str, Any],
-                user_attrs: dict[str, Any] | None = None) -> tuple[int, int]:
-    """Create a RUNNING trial with its parameters, user attrs (who runs it, for `hpopt status`) and
-    first heartbeat; returns (trial_id, number)."""
-    user_attrs = user_attrs or {}
-    backend = _mysql_backend(storage)
-    if backend is None:
-        template = FrozenTrial(number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
-                               datetime_complete=None, params=params, distributions=distributions,
-                               user_attrs=dict(user_attrs), system_attrs={}, intermediate_values={}, trial_id=-1)
-        trial_id = storage.create_new_trial(study_id, template_trial=template)
-        beat(storage, trial_id)
-        return trial_id, trial_number(storage, trial_id)
+@dataclass(frozen=True)
+class Claimed:
+    """A trial a worker now runs: a fresh one, or a queued retry with its own parameters."""
+
+    trial_id: int
+    number: int
+    params: dict[str, Any]
+    retry: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `claim_trial` saw and did; `trial` is None when the budget left no slot."""
+
+    trial: Claimed | None
+    counts: dict[TrialState, int]  # trials per state just before the claim
+
+
+def claim_trial(storage: BaseStorage, study_id: int, budget: int, params: dict[str, Any],
+                distributions: dict[str, Any], user_attrs: dict[str, Any]) -> Claim:
+    """Start a trial only if the budget has a free slot, deciding and creating in one transaction.
+
+    MariaDB only (see `atomic_claims`). Under a lock on the study's row: count trials per state;
+    refuse when finished + running >= budget; else pop the oldest queued retry (WAITING) if there
+    is one, or create a trial with `params`. Every claim in the fleet is serialized by that lock,
+    so the budget is never overshot and trial numbers are "trials created before this one", as
+    Optuna numbers them. `user_attrs` (who runs it, for `hpopt status`) and the first heartbeat
+    are written with the trial.
+    """
     import json
 
     import sqlalchemy as sa
-    from optuna.distributions import distribution_to_json
+    from optuna.distributions import distribution_to_json, json_to_distribution
     from optuna.storages._rdb import models
 
+    from hpopt.budget import may_start, tally_counts
+
+    backend = _mysql_backend(storage)
+    assert backend is not None, "claim_trial needs MariaDB/MySQL (see atomic_claims)"
     trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
+    trial_params = models.TrialParamModel.__table__
     with backend.engine.begin() as conn:
-        # Numbers are "trials created before this one". Two workers counting at once would both
-        # miss each other's uncommitted row and share a number, so trial creation is serialized
-        # per study by locking its row first (the count's read view starts after the lock).
         conn.execute(sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update())
+        counts = {state: n for state, n in conn.execute(
+            sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id).group_by(trials.c.state))}
+        if not may_start(tally_counts(counts), budget):
+            return Claim(None, counts)
         now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores naive UTC
-        trial_id = conn.execute(sa.insert(trials).values(study_id=study_id, state=TrialState.RUNNING,
-                                                         datetime_start=now)).inserted_primary_key[0]
-        number = conn.execute(sa.select(sa.func.count(trials.c.trial_id)).where(
-            trials.c.study_id == study_id, trials.c.trial_id < trial_id)).scalar_one()  # as Optuna numbers
-        conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id).values(number=number))
-        if params:
-            conn.execute(sa.insert(models.TrialParamModel.__table__), [
-                {"trial_id": trial_id, "param_name": name, "param_value": distributions[name].to_internal_repr(value),
-                 "distribution_json": distribution_to_json(distributions[name])} for name, value in params.items()])
-        if user_attrs:
-            conn.execute(sa.insert(models.TrialUserAttributeModel.__table__), [
-                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()])
+        if counts.get(TrialState.WAITING):
+            trial_id, number = conn.execute(
+                sa.select(trials.c.trial_id, trials.c.number).where(
+                    trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+                .order_by(trials.c.trial_id).limit(1)).one()
+            conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id)
+                         .values(state=TrialState.RUNNING, datetime_start=now))
+            params = {name: json_to_distribution(dist).to_external_repr(value) for name, value, dist in conn.execute(
+                sa.select(trial_params.c.param_name, trial_params.c.param_value, trial_params.c.distribution_json)
+                .where(trial_params.c.trial_id == trial_id))}
+            _upsert_user_attrs(conn, trial_id, user_attrs)
+            retry = True
+        else:
+            number = sum(counts.values())
+            trial_id = conn.execute(sa.insert(trials).values(study_id=study_id, number=number,
+                                                             state=TrialState.RUNNING, datetime_start=now)
+                                    ).inserted_primary_key[0]
+            if params:
+                conn.execute(sa.insert(trial_params), [
+                    {"trial_id": trial_id, "param_name": name,
+                     "param_value": distributions[name].to_internal_repr(value),
+                     "distribution_json": distribution_to_json(distributions[name])} for name, value in params.items()])
+            if user_attrs:
+                conn.execute(sa.insert(models.TrialUserAttributeModel.__table__), [
+                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()])
+            retry = False
         conn.execute(sa.insert(models.TrialHeartbeatModel.__table__).values(trial_id=trial_id,
                                                                             heartbeat=sa.func.now()))
-    return trial_id, number
+    return Claim(Claimed(trial_id, number, params, retry), counts)
+
+
+def atomic_claims(storage: BaseStorage) -> bool:
+    """Whether `claim_trial` works here: the budget check and trial creation in one transaction."""
+    return _mysql_backend(storage) is not None
 
 
 def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, value: float | None,

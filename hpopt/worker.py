@@ -35,10 +35,10 @@ from hpopt.budget import (Tally, budget_reached, failures_exhausted, is_surplus,
                           tally_counts)
 from hpopt.errors import HpoptError
 from hpopt.rundir import RunDir
-from hpopt.sampling import sample_params, supports_snapshot
+from hpopt.sampling import sample_params, sampler_window, supports_snapshot
 from hpopt.space import apply_values
-from hpopt.storage import (Liveness, beat, close_storage, count_states, fail_and_requeue, finish_trial,
-                           is_disconnect, open_storage, reap_stale, start_trial, withdraw)
+from hpopt.storage import (Liveness, atomic_claims, beat, claim_trial, close_storage, count_states, fail_and_requeue,
+                           finish_trial, is_disconnect, open_storage, reap_stale, withdraw)
 from hpopt.study import Experiment, load_experiment
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class Settings:
     margin_s: float = 30.0  # time kept free before the deadline to tell and exit
     signal_grace_s: float = 120.0  # time assumed left after USR1 when no deadline is known
     max_consecutive_failures: int = 3
-    snapshot_s: float = 1.0  # how stale the sampler's view of other trials may get (not near the end)
+    snapshot_s: float = 1.0  # how stale the sampler's view of other trials may get
     liveness: Liveness = field(default_factory=Liveness)
 
     @staticmethod
@@ -248,8 +248,12 @@ def pick_device() -> str:
 
 def estimate_trial_s(trials: list[optuna.trial.FrozenTrial]) -> float | None:
     """A pessimistic trial duration: the 90th percentile of the last 20 complete trials."""
-    walls = [float(t.user_attrs["wall_s"]) for t in trials
-             if t.state == TrialState.COMPLETE and "wall_s" in t.user_attrs][-20:]
+    walls: list[float] = []
+    for trial in reversed(trials):  # newest first; a big study is not walked every trial
+        if trial.state == TrialState.COMPLETE and "wall_s" in trial.user_attrs:
+            walls.append(float(trial.user_attrs["wall_s"]))
+            if len(walls) == 20:
+                break
     if not walls:
         return None
     return statistics.quantiles(walls, n=10)[-1] if len(walls) >= 2 else walls[0]
@@ -284,6 +288,8 @@ class Worker:
         self.last_reap = 0.0
         self.last_sync = 0.0
         self.snapshot: list[optuna.trial.FrozenTrial] = []
+        self.window: list[optuna.trial.FrozenTrial] = []  # the part of the snapshot the sampler sees
+        self.counts: Tally | None = None  # trials per state, as last seen
         self.finished = 0
 
     # -- signals ---------------------------------------------------------------------------
@@ -321,6 +327,7 @@ class Worker:
                 break
             if not may_start(counts, budget):
                 self.flags.wake.wait(self.settings.poll_s)  # the last slots are held; one may go stale
+                self.counts = None
                 continue
             estimate = estimate_trial_s(trials)
             if self.deadline is not None and estimate is not None and \
@@ -328,8 +335,8 @@ class Worker:
                 self.log.info("stopping: a trial takes ~%.0f s and only %.0f s are left", estimate,
                               self.deadline - time.time())
                 break
-            asked = self.conn.call(lambda e: self._ask(e, trials, counts))
-            if near_end(counts, budget) and self._surplus(asked, budget):
+            asked = self.conn.call(lambda e: self._ask(e, counts))
+            if asked is None:
                 continue
             outcome = self._train(asked, estimate)
             self.conn.call(lambda e: self._tell(e, asked, outcome))
@@ -348,25 +355,38 @@ class Worker:
         return self.finished
 
     def _refresh(self, exp: Experiment) -> tuple[list[optuna.trial.FrozenTrial], Tally, int]:
-        """Reap stale trials (every heartbeat interval), count trials, and re-read them when due.
+        """Reap stale trials (every heartbeat interval), know the counts, re-read trials when due.
 
-        Counting is one query; re-reading the trials (for the sampler and the duration estimate)
-        happens at most every `snapshot_s`, except near the end of the budget where every
-        decision uses fresh trials. Trials take minutes, so in production this is every time.
+        The trials (for the sampler and the duration estimate) are re-read at most every
+        `snapshot_s`; trials take minutes, so in production that is every time. Counts: with
+        atomic claims the last claim's are enough (the next claim re-checks the budget under a
+        lock); otherwise one `GROUP BY` query per trial, and fresh trials near the end of the
+        budget, where racing workers must see each other to give surplus trials back.
         """
         if time.monotonic() - self.last_reap >= self.settings.liveness.heartbeat_s:
             reap_stale(exp.study, self.settings.liveness)
             exp.budget = int(exp.study.user_attrs.get("budget", exp.budget))
             self.last_reap = time.monotonic()
-        by_state = None
-        if time.monotonic() - self.last_sync < self.settings.snapshot_s:
+            self.counts = None
+        atomic = self._atomic(exp)
+        due = time.monotonic() - self.last_sync >= self.settings.snapshot_s
+        if not due and (self.counts is None or not atomic):
             by_state = count_states(exp.study._storage, exp.study._study_id)
-        counts = tally_counts(by_state) if by_state is not None else None
-        if counts is None or near_end(counts, exp.budget):
+            self.counts = tally_counts(by_state) if by_state is not None else None
+            due = self.counts is None or (not atomic and near_end(self.counts, exp.budget))
+        if due:
             self.snapshot = exp.study.get_trials(deepcopy=False)
+            self.window = sampler_window(exp.study, self.snapshot) if atomic else []
             self.last_sync = time.monotonic()
-            counts = tally(self.snapshot)
-        return self.snapshot, counts, exp.budget
+            self.counts = tally(self.snapshot)
+        assert self.counts is not None
+        return self.snapshot, self.counts, exp.budget
+
+    @staticmethod
+    def _atomic(exp: Experiment) -> bool:
+        """Whether trials are claimed in one transaction: MariaDB, and a sampler that can sample
+        before the trial exists (TPE, random; CMA-ES and grid keep state in the trial)."""
+        return atomic_claims(exp.study._storage) and supports_snapshot(exp.study.sampler)
 
     def _withdraw_queued(self, exp: Experiment) -> None:
         """The budget is finished: a retry still queued can only be surplus (journal mode, where a
@@ -380,36 +400,37 @@ class Worker:
         return {"worker_job_id": self.ident.job_id, "array_index": self.ident.array_index,
                 "host": self.ident.host, "gpu": self.ident.gpu, "device": self.device}
 
-    def _ask(self, exp: Experiment, trials: list[optuna.trial.FrozenTrial], counts: Tally) -> Asked:
-        """Create our next trial and beat for it at once (a trial that never beat is never reaped).
+    def _ask(self, exp: Experiment, counts: Tally) -> Asked | None:
+        """Our next trial, beating from the start (a trial that never beat is never reaped); None
+        when the budget's last slots went to other workers.
 
-        Fast path (TPE, random): sample from the snapshot just read and create the trial with all
-        its parameters in one transaction. Queued retries and stateful samplers use study.ask().
+        MariaDB with TPE or random sampling: sample from the snapshot, then `claim_trial` checks
+        the budget and creates the trial with all its parameters in one transaction (or hands
+        us a queued retry). Otherwise `study.ask()`, and near the end of the budget a recount
+        that gives the trial back if racing workers already claimed the last slots.
         """
         study, storage = exp.study, exp.study._storage
-        if counts.waiting or not supports_snapshot(study.sampler):
-            with warnings.catch_warnings():  # "heartbeat is meant for optimize()": we beat ourselves
-                warnings.simplefilter("ignore", UserWarning)
-                trial = study.ask()
-            beat(storage, trial._trial_id)
-            for key, value in self._identity().items():
-                storage.set_trial_user_attr(trial._trial_id, key, value)
-            return Asked(trial._trial_id, trial.number, exp.space.suggest(trial))
-        params, dists, values = sample_params(study, exp.space, trials)
-        trial_id, number = start_trial(storage, study._study_id, params, dists, self._identity())
-        return Asked(trial_id, number, values)
-
-    def _surplus(self, asked: Asked, budget: int) -> bool:
-        """Give up a trial that a racing worker's trial already made redundant."""
-        def check(exp: Experiment) -> bool:
-            if not is_surplus(exp.study.get_trials(deepcopy=False), asked.number, budget):
-                return False
-            return finish_trial(exp.study._storage, asked.trial_id, TrialState.FAIL, None, {"surplus": True})
-
-        surplus = self.conn.call(check)
-        if surplus:
+        if self._atomic(exp):
+            params, dists, values = sample_params(study, exp.space, self.window)
+            claim = claim_trial(storage, study._study_id, exp.budget, params, dists, self._identity())
+            self.counts = tally_counts(claim.counts)
+            if claim.trial is None:
+                return None
+            if claim.trial.retry:
+                values = {**exp.space.fixed, **claim.trial.params}
+            return Asked(claim.trial.trial_id, claim.trial.number, values)
+        with warnings.catch_warnings():  # "heartbeat is meant for optimize()": we beat ourselves
+            warnings.simplefilter("ignore", UserWarning)
+            trial = study.ask()
+        beat(storage, trial._trial_id)
+        for key, value in self._identity().items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        asked = Asked(trial._trial_id, trial.number, exp.space.suggest(trial))
+        if near_end(counts, exp.budget) and is_surplus(study.get_trials(deepcopy=False), asked.number, exp.budget) \
+                and finish_trial(storage, asked.trial_id, TrialState.FAIL, None, {"surplus": True}):
             self.log.info("trial %d: surplus (budget already claimed by other workers), not run", asked.number)
-        return surplus
+            return None
+        return asked
 
     def _train(self, asked: Asked, estimate: float | None) -> Outcome:
         """Train one trial; every way it can end becomes an Outcome, nothing escapes."""

@@ -10,6 +10,8 @@ like a worker's (6 params, 12 user attrs, 20 intermediate values per trial) so s
 
 The DB server is started in local mode by `hpopt db` in a temporary run directory (MariaDB must
 be installed), so the collector is timed exactly as `hpopt status` runs it, DB probe included.
+The `--watch` refresh is also timed the way it was before it kept its probe connection open (a new
+one each refresh), for the ratio between the two.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
 
 from hpopt.db.endpoint import sqlalchemy_url
+from hpopt.db.probe import KeptProbe
 from hpopt.db.server import collect_db_status
 from hpopt.rundir import RunDir, write_json_atomic
 from hpopt.status import StatusCollector, summarize_trials
@@ -152,38 +155,53 @@ def main() -> None:
              "submitted_at": first_start.replace(tzinfo=timezone.utc).isoformat(), "log_dir": str(run.logs_dir)}]})
 
         probe_free = {"db_status": lambda *_: {"reachable": True}}  # the study part alone, like naive
+        # the watch as it was: a new probe connection each refresh (collect_db_status without `kept`)
+        reconnecting = {"db_status": lambda run_dir, slurm: collect_db_status(run_dir, slurm)}
 
         def ours(fresh: bool, **kwargs: object) -> Callable[[], object]:
             kept = StatusCollector(run, study=name, use_slurm=False, **kwargs)
 
-            def refresh() -> object:  # Slurm left out: the naive side makes no Slurm calls either
-                report = (StatusCollector(run, study=name, use_slurm=False, **kwargs) if fresh else kept).collect()
+            def check(report: dict) -> dict:
                 assert report["study"]["available"] and report["study"]["counts"]["running"] == N_WORKERS
                 assert sum(t["trials_finished"] for t in report["workers"]["tasks"]) > 0.9 * args.trials
                 return report
+
+            def refresh() -> object:  # Slurm left out: the naive side makes no Slurm calls either
+                if not fresh:
+                    return check(kept.collect())
+                with StatusCollector(run, study=name, use_slurm=False, **kwargs) as once:  # like `hpopt status`
+                    return check(once.collect())
             return refresh
 
         warm_storage = optuna.storages.get_storage(url)
+        kept_probe = KeptProbe()
         r = args.repeats
         results = {
             "hpopt status refresh, cold (new collector)": timed(ours(True), r),
             "hpopt status refresh, warm (--watch)": timed(ours(False), r),
-            "  DB probe alone (collect_db_status)": timed(lambda: collect_db_status(run, None), r),
+            "  warm, new probe connection per refresh (before)": timed(ours(False, **reconnecting), r),
+            "  DB probe alone, kept connection (--watch)": timed(
+                lambda: collect_db_status(run, None, kept=kept_probe), r),
+            "  DB probe alone, new connection": timed(lambda: collect_db_status(run, None), r),
             "  study part alone, cold": timed(ours(True, **probe_free), r),
             "  study part alone, warm": timed(ours(False, **probe_free), r),
             "naive get_trials() + summary, cold": timed(
                 lambda: naive_refresh(optuna.storages.get_storage(url), name), max(1, r // 2), warmup=False),
             "naive get_trials() + summary, warm (Optuna cache)": timed(lambda: naive_refresh(warm_storage, name), r),
         }
+        kept_probe.close()
     print(f"\nseconds per refresh, {args.trials} trials, median of {r} ({max(1, r // 2)} for naive cold); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs:")
     for label, seconds in results.items():
         print(f"  {label:52s} {seconds:8.3f} s")
-    full_c, full_w, _, study_c, study_w, naive_c, naive_w = results.values()
+    full_c, full_w, full_before, probe_kept, probe_new, study_c, study_w, naive_c, naive_w = results.values()
     print(f"\nratio naive / hpopt status, like for like (study part): cold {naive_c / study_c:.1f}x, "
           f"warm {naive_w / study_w:.1f}x")
     print(f"ratio naive / whole hpopt status refresh (DB probe included): cold {naive_c / full_c:.1f}x, "
           f"warm {naive_w / full_w:.1f}x")
+    print(f"ratio --watch refresh, new probe connection / kept one: {full_before / full_w:.1f}x "
+          f"(DB probe alone: {probe_new / probe_kept:.1f}x)")
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from hpopt.errors import HpoptError
+from hpopt.typecheck import checked
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,24 +81,6 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def _check_type(value: Any, expected: Any, key: str, source: str) -> Any:
-    """Return value if it has the declared type (ints are accepted for floats)."""
-    if expected is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected is str and isinstance(value, str):
-        return value
-    if expected is bool and isinstance(value, bool):
-        return value
-    if expected == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    name = getattr(expected, "__name__", str(expected))
-    raise HpoptError(
-        f"{source}: key '{key}' must be {name}, got {type(value).__name__} ({value!r})"
-    )
-
-
 def _apply(target: Any, values: dict[str, Any], prefix: str, source: str) -> None:
     hints = get_type_hints(type(target))
     names = {f.name for f in dataclasses.fields(target)} - {"source"}
@@ -110,7 +93,7 @@ def _apply(target: Any, values: dict[str, Any], prefix: str, source: str) -> Non
                 raise HpoptError(f"{source}: '{full}' must be a table [{key}]")
             _apply(getattr(target, key), value, f"{key}.", source)
         else:
-            setattr(target, key, _check_type(value, hints[key], full, source))
+            setattr(target, key, checked(value, hints[key], f"{source}: key '{full}'"))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

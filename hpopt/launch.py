@@ -15,6 +15,7 @@ its jobs; the record is written atomically under a lock, so concurrent launches 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fcntl
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import hpopt
-from hpopt.config import Config
+from hpopt.config import Config, SlurmProfile
 from hpopt.errors import HpoptError
 from hpopt.procs import process_alive
 from hpopt.rundir import RunDir, read_json, write_json_atomic
@@ -78,27 +79,43 @@ def parse_time(text: str) -> int:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Everything a launch needs, decided before anything is submitted."""
+    """Everything a launch needs, decided before anything is submitted.
+
+    It holds the [slurm] profile itself, with this launch's `--time` and `--partition` written into
+    it, so a profile field reaches the batch script without being copied field by field.
+    """
 
     study: str
     n_workers: int
     via: str  # submitit | sbatch | local
     gpu: bool
-    time: str  # Slurm time string, as the user wrote it
-    time_s: int
+    slurm: SlurmProfile  # worker_time is this launch's --time; the partition in use is --partition
     run_dir: RunDir
     workdir: Path
     python: str = sys.executable
-    partition: str = ""
-    gres: str = ""
-    account: str = ""
-    qos: str = ""
-    cpus_per_task: int = 1
-    mem: str = ""
-    prelude: tuple[str, ...] = ()
-    extra_sbatch: tuple[str, ...] = ()
-    warn_s: int = WARN_S
     local_gpus: tuple[str, ...] = ()  # local --gpu: device ids handed out round robin
+
+    @property
+    def time(self) -> str:
+        """The walltime as the user wrote it (Slurm format)."""
+        return self.slurm.worker_time
+
+    @property
+    def time_s(self) -> int:
+        return parse_time(self.time)
+
+    @property
+    def warn_s(self) -> int:
+        """When Slurm warns before the end (WARN_S, but a short job is not warned at its start)."""
+        return min(WARN_S, max(1, self.time_s // 4))
+
+    @property
+    def partition(self) -> str:
+        return self.slurm.gpu_partition if self.gpu else self.slurm.cpu_partition
+
+    @property
+    def gres(self) -> str:
+        return self.slurm.gpu_gres if self.gpu else ""
 
     @property
     def job_name(self) -> str:
@@ -133,24 +150,16 @@ def make_plan(config: Config, *, study: str, workers: int, gpu: bool = False, ti
         raise HpoptError(f"--via {via} needs Slurm, but sbatch is not on PATH: use --local (or load the Slurm module)")
     else:
         mode = "local"
-    profile = config.slurm
-    limit = time or profile.worker_time
-    run_dir = RunDir(config.run_path)
-    time_s = parse_time(limit)
-    common = dict(study=study, n_workers=workers, gpu=gpu, time=limit, time_s=time_s, run_dir=run_dir,
-                  workdir=(workdir or Path.cwd()).resolve(), warn_s=min(WARN_S, max(1, time_s // 4)))
-    if mode == "local":
-        return LaunchPlan(via="local", local_gpus=tuple(local_gpu_ids(env)) if gpu else (), **common)
-    if gpu and not profile.gpu_gres:
+    overrides = {"worker_time": time} if time else {}
+    if partition:
+        overrides["gpu_partition" if gpu else "cpu_partition"] = partition
+    profile = dataclasses.replace(config.slurm, **overrides)
+    parse_time(profile.worker_time)  # a malformed --time is refused here, before anything is started
+    if mode != "local" and gpu and not profile.gpu_gres:
         raise HpoptError(f"--gpu needs `gpu_gres` in the [slurm] profile ({config.source})")
-    return LaunchPlan(
-        via=mode,
-        partition=partition or (profile.gpu_partition if gpu else profile.cpu_partition),
-        gres=profile.gpu_gres if gpu else "",
-        account=profile.account, qos=profile.qos, cpus_per_task=profile.cpus_per_task,
-        mem=profile.mem, prelude=tuple(profile.prelude), extra_sbatch=tuple(profile.extra_sbatch),
-        **common,
-    )
+    return LaunchPlan(study=study, n_workers=workers, via=mode, gpu=gpu, slurm=profile,
+                      run_dir=RunDir(config.run_path), workdir=(workdir or Path.cwd()).resolve(),
+                      local_gpus=tuple(local_gpu_ids(env)) if gpu and mode == "local" else ())
 
 
 def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
@@ -195,22 +204,22 @@ def fill_template(template: str, values: dict[str, str], source: str = TEMPLATE_
 def sbatch_fields(plan: LaunchPlan) -> dict[str, str]:
     """The template's fields; values used in shell commands are shell-quoted."""
     extra = [line if line.lstrip().startswith("#SBATCH") else f"#SBATCH {line.strip()}"
-             for line in plan.extra_sbatch]
+             for line in plan.slurm.extra_sbatch]
     return {
         "job_name": plan.job_name,
         "last_index": str(plan.n_workers - 1),
-        "account": plan.account,
-        "qos": plan.qos,
+        "account": plan.slurm.account,
+        "qos": plan.slurm.qos,
         "partition": plan.partition,
         "gres": plan.gres,
         "time": plan.time,
-        "cpus_per_task": str(plan.cpus_per_task) if plan.cpus_per_task else "",
-        "mem": plan.mem,
+        "cpus_per_task": str(plan.slurm.cpus_per_task) if plan.slurm.cpus_per_task else "",
+        "mem": plan.slurm.mem,
         "warn_s": str(plan.warn_s),
         "log_dir": str(plan.log_dir),
         "workdir": str(plan.workdir),
         "extra_sbatch": "\n".join(extra),
-        "prelude": "\n".join(plan.prelude),
+        "prelude": "\n".join(plan.slurm.prelude),
         "run_dir": shlex.quote(str(plan.run_dir.root)),
         "python": shlex.quote(plan.python),
         "study": shlex.quote(plan.study),
@@ -233,19 +242,19 @@ def submitit_parameters(plan: LaunchPlan) -> dict[str, Any]:
     the signal is overridden (without `B:`: with srun the worker is a job step, not the batch shell).
     """
     additional: dict[str, Any] = {"signal": f"USR1@{plan.warn_s}"}
-    for line in plan.extra_sbatch:
+    for line in plan.slurm.extra_sbatch:
         key, _, value = line.replace("#SBATCH", "").strip().lstrip("-").partition("=")
         additional[key] = value if value else True
     params: dict[str, Any] = {
         "job_name": plan.job_name,
         "time": max(1, math.ceil(plan.time_s / 60)),
-        "cpus_per_task": plan.cpus_per_task or None,
-        "mem": plan.mem or None,
+        "cpus_per_task": plan.slurm.cpus_per_task or None,
+        "mem": plan.slurm.mem or None,
         "partition": plan.partition or None,
         "gres": plan.gres or None,
-        "account": plan.account or None,
-        "qos": plan.qos or None,
-        "setup": [f"export HPOPT_RUN_DIR={shlex.quote(str(plan.run_dir.root))}", *plan.prelude],
+        "account": plan.slurm.account or None,
+        "qos": plan.slurm.qos or None,
+        "setup": [f"export HPOPT_RUN_DIR={shlex.quote(str(plan.run_dir.root))}", *plan.slurm.prelude],
         "array_parallelism": plan.n_workers,
         "signal_delay_s": plan.warn_s,
         "stderr_to_stdout": True,

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
+from hpopt.db.probe import KeptProbe
 from hpopt.errors import HpoptError
 from hpopt.launch import read_launches, worker_alive
 from hpopt.rundir import RunDir, read_json
@@ -414,7 +415,11 @@ def _db_job_ids(run_dir: RunDir) -> list[str]:
 
 
 class StatusCollector:
-    """Builds status reports; keeps what never changes (finished jobs, the storage) between refreshes."""
+    """Builds status reports; keeps what never changes (finished jobs, the storage) between refreshes.
+
+    Under `--watch` it also keeps its DB connections open (the probe's and the study engine's), so a
+    refresh does not pay for connecting; `close()` (or `with`) hangs them up.
+    """
 
     def __init__(self, run_dir: RunDir, *, study: str | None = None, slurm: Slurm | None = None,
                  use_slurm: bool | None = None,
@@ -429,6 +434,8 @@ class StatusCollector:
         self._db_status = db_status
         self._finished: dict[str, JobInfo] = {}  # terminal sacct answers, never asked again
         self._source: Any = None  # an Engine (RDB) or an Optuna storage (journal), kept for --watch
+        self._source_address: str | None = None  # the DB endpoint the engine was opened on
+        self._probe = KeptProbe()
         self._tallies: dict[tuple[str, datetime | None], WorkerTally] = {}  # per study and first launch
 
     # -- Slurm
@@ -457,11 +464,13 @@ class StatusCollector:
     def _db(self, slurm: Slurm | None) -> dict[str, Any]:
         if not (self.run_dir.endpoint_file.exists() or self.run_dir.db_job_file.exists()):
             return {**dict.fromkeys(DB_KEYS), "started": False, "reachable": False}
-        collect = self._db_status
-        if collect is None:
-            from hpopt.db.server import collect_db_status as collect
         try:
-            report = dict(collect(self.run_dir, slurm))
+            if self._db_status is not None:
+                report = dict(self._db_status(self.run_dir, slurm))
+            else:
+                from hpopt.db.server import collect_db_status
+
+                report = dict(collect_db_status(self.run_dir, slurm, kept=self._probe))
         except HpoptError as exc:
             report = {"state": "UNKNOWN", "reachable": False, "error": str(exc)}
         report["started"] = True
@@ -475,9 +484,14 @@ class StatusCollector:
             return "rdb"
         return "journal" if self.run_dir.journal_file.exists() else "none"
 
-    def _source_handle(self) -> Any:
+    def _source_handle(self, db: dict[str, Any]) -> Any:
+        """The study source, opened again when the DB endpoint moved (the DB job renewed itself)."""
+        address = f"{db.get('host')}:{db.get('port')}"
+        if self._source is not None and address != self._source_address:
+            self._drop_source()
         if self._source is None:
             self._source = self._open_source(self.run_dir)
+            self._source_address = address
         return self._source
 
     def _drop_source(self) -> None:
@@ -495,7 +509,7 @@ class StatusCollector:
             return {"available": False, "problem": False, "name": self.study,
                     "error": "study not readable: the DB is not reachable"}
         try:
-            source = self._source_handle()
+            source = self._source_handle(db)
             names = study_names(source)
             name = self._pick_study(names, launches)
             if name is None:
@@ -612,6 +626,17 @@ class StatusCollector:
         report["attention"] = any(w["severity"] == "error" for w in report["warnings"])
         report["refresh_s"] = round(time.perf_counter() - started, 4)
         return report
+
+    def close(self) -> None:
+        """Hang up the kept DB connections (the end of `--watch`); a later refresh reconnects."""
+        self._probe.close()
+        self._drop_source()
+
+    def __enter__(self) -> StatusCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _TRIAL_LINE = re.compile(r"\btrial (\d+): (\w+)")
@@ -767,4 +792,5 @@ def _error_from_logs(failed: list[dict[str, Any]]) -> str | None:
 
 def collect_status(run_dir: RunDir, *, study: str | None = None, slurm: Slurm | None = None) -> dict[str, Any]:
     """One report for `run_dir` (see StatusCollector for what a refresh costs)."""
-    return StatusCollector(run_dir, study=study, slurm=slurm).collect()
+    with StatusCollector(run_dir, study=study, slurm=slurm) as collector:
+        return collector.collect()

@@ -45,30 +45,31 @@ def status(
     from hpopt.status import StatusCollector  # here, not at import: every `hpopt` command loads this module
     from hpopt.status_view import render
 
-    collector = StatusCollector(RunDir(context.current_config().run_path), study=study)
-    if not watch:
-        report = collector.collect()
-        if as_json:
-            typer.echo(json.dumps(report, indent=2, sort_keys=True))
-        else:
-            Console().print(render(report))
-        raise typer.Exit(ATTENTION_EXIT if report["attention"] else 0)
+    # one collector for the whole watch: it keeps its DB connections open between refreshes
+    with StatusCollector(RunDir(context.current_config().run_path), study=study) as collector:
+        if not watch:
+            report = collector.collect()
+            if as_json:
+                typer.echo(json.dumps(report, indent=2, sort_keys=True))
+            else:
+                Console().print(render(report))
+            raise typer.Exit(ATTENTION_EXIT if report["attention"] else 0)
 
-    report = None
-    try:
-        if as_json:
-            while True:
-                report = collector.collect()
-                typer.echo(json.dumps(report, sort_keys=True))
-                time.sleep(interval)
-        report = collector.collect()
-        # full screen like top(1): a view taller than the terminal cannot be redrawn in place otherwise
-        with Live(render(report), auto_refresh=False, screen=True) as live:
-            while True:
-                time.sleep(interval)
-                report = collector.collect()
-                live.update(render(report), refresh=True)
-    except KeyboardInterrupt:
-        if report is not None and not as_json:
-            Console().print(render(report))  # the last view stays in the scrollback
+        report = None
+        try:
+            if as_json:
+                while True:
+                    report = collector.collect()
+                    typer.echo(json.dumps(report, sort_keys=True))
+                    time.sleep(interval)
+            report = collector.collect()
+            # full screen like top(1): a view taller than the terminal cannot be redrawn in place otherwise
+            with Live(render(report), auto_refresh=False, screen=True) as live:
+                while True:
+                    time.sleep(interval)
+                    report = collector.collect()
+                    live.update(render(report), refresh=True)
+        except KeyboardInterrupt:
+            if report is not None and not as_json:
+                Console().print(render(report))  # the last view stays in the scrollback
     raise typer.Exit(ATTENTION_EXIT if report and report["attention"] else 0)

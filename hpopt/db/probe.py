@@ -2,6 +2,7 @@
 
 Readiness means a real query works as the app user, not merely that the port is open: a server
 that answers "access denied" is up but not yet configured, and workers would fail against it.
+`KeptProbe` asks the same facts over one connection kept between calls (`hpopt status --watch`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class ServerFacts:
 def connect(endpoint: Endpoint, creds: Credentials, timeout_s: float = 5.0) -> pymysql.connections.Connection:
     """One connection as the app user; failures become a ProbeError naming the address."""
     try:
+        # autocommit: a connection kept open must not read every refresh from one old snapshot
         return pymysql.connect(host=endpoint.host, port=endpoint.port, user=creds.user, password=creds.password,
                                database=creds.schema, connect_timeout=timeout_s, read_timeout=timeout_s,
-                               write_timeout=timeout_s)
+                               write_timeout=timeout_s, autocommit=True)
     except pymysql.err.MySQLError as exc:
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         text = exc.args[1] if len(exc.args) > 1 else str(exc)
@@ -64,8 +66,16 @@ def _select_one(conn: pymysql.connections.Connection) -> float:
 
 
 def facts(endpoint: Endpoint, creds: Credentials, timeout_s: float = 5.0) -> ServerFacts:
-    """Round trip, open connections, and trial counts per study from Optuna's tables (if any)."""
+    """Round trip, open connections, and trial counts per study, over a connection of its own."""
     conn = connect(endpoint, creds, timeout_s)
+    try:
+        return _ask_facts(conn, endpoint)
+    finally:
+        conn.close()
+
+
+def _ask_facts(conn: pymysql.connections.Connection, endpoint: Endpoint) -> ServerFacts:
+    """The facts from Optuna's tables (if any); any server error becomes a ProbeError."""
     try:
         out = ServerFacts(rtt_ms=_select_one(conn))
         with conn.cursor() as cur:
@@ -87,5 +97,34 @@ def facts(endpoint: Endpoint, creds: Credentials, timeout_s: float = 5.0) -> Ser
         return out
     except pymysql.err.MySQLError as exc:
         raise ProbeError(f"{endpoint.address}: {exc}") from None
-    finally:
-        conn.close()
+
+
+class KeptProbe:
+    """`facts` over one connection kept open between calls, for `hpopt status --watch`.
+
+    Connecting (TCP, authentication) costs more than the probe's queries, so a watch reconnects only
+    when it must: when the endpoint it is given moved (the DB job renewed itself on another node or
+    port; callers read the endpoint file each time) or when the kept connection fails (the server
+    restarted, or closed an idle connection). `close` hangs up; the probe can be used again after.
+    """
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self._conn: pymysql.connections.Connection | None = None
+        self._address = ""
+
+    def facts(self, endpoint: Endpoint, creds: Credentials) -> ServerFacts:
+        if self._conn is not None and self._address == endpoint.address:
+            try:
+                return _ask_facts(self._conn, endpoint)
+            except ProbeError:
+                pass  # dropped: one fresh connection below decides whether the server answers
+        self.close()
+        self._conn = connect(endpoint, creds, self.timeout_s)
+        self._address = endpoint.address
+        return _ask_facts(self._conn, endpoint)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # sends QUIT if it can; never raises for a dead server
+            self._conn = None

@@ -380,11 +380,11 @@ def _uptime_s(started_at: str) -> float | None:
     return max(0.0, (datetime.now(timezone.utc) - started).total_seconds())
 
 
-def collect_db_status(run_dir: RunDir, slurm: Slurm | None) -> dict[str, Any]:
+def collect_db_status(run_dir: RunDir, slurm: Slurm | None, kept: probe.KeptProbe | None = None) -> dict[str, Any]:
     """Everything `db status` and `hpopt status` show about the DB, as plain data.
 
     One `slurm.states` call for the job in charge and the endpoint's job (they differ during a
-    renewal); one connection to the server when its job is alive.
+    renewal); one connection to the server when its job is alive, or `kept`'s (`status --watch`).
     """
     out: dict[str, Any] = {"job_id": None, "state": None, "reason": None, "node": None, "host": None,
                            "port": None, "uptime_s": None, "time_left": None, "renewal_scheduled": None,
@@ -435,7 +435,8 @@ def collect_db_status(run_dir: RunDir, slurm: Slurm | None) -> dict[str, Any]:
                         "`hpopt db start` starts a server on the same data")
     else:
         try:
-            found = probe.facts(endpoint, read_credentials(run_dir), timeout_s=5.0)
+            creds = read_credentials(run_dir)
+            found = kept.facts(endpoint, creds) if kept is not None else probe.facts(endpoint, creds, timeout_s=5.0)
             out.update(reachable=True, rtt_ms=round(found.rtt_ms, 2), connections=found.connections,
                        studies=found.studies)
         except probe.ProbeError as exc:

@@ -12,12 +12,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Iterator
 
 import optuna
+import pymysql
 import pytest
 
-from hpopt.db.endpoint import sqlalchemy_url
+from hpopt.db.endpoint import read_credentials, read_endpoint, sqlalchemy_url
 from hpopt.rundir import RunDir, write_json_atomic
 from hpopt.slurm import Slurm
 from hpopt.status import StatusCollector
@@ -173,3 +175,73 @@ def test_workers_study_stale_trial_and_db_loss(cluster, running_db: RunDir, jobs
     after = hpopt_status(run, cluster, "--json")
     codes = {w["code"] for w in json.loads(after.stdout)["warnings"]}
     assert {"db_down", "workers_without_db"} <= codes and after.returncode == 2
+
+
+@contextmanager
+def app_connection(run: RunDir) -> Iterator[pymysql.connections.Connection]:
+    """The test's own look at the server, as the application user (who sees its own connections)."""
+    endpoint, creds = read_endpoint(run), read_credentials(run)
+    conn = pymysql.connect(host=endpoint.host, port=endpoint.port, user=creds.user, password=creds.password,
+                           database=creds.schema, connect_timeout=5, autocommit=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def server_side(conn: pymysql.connections.Connection) -> tuple[int, set[int]]:
+    """(connections ever made to the server, ids of the app user's other open connections)."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
+        made = int(cur.fetchone()[1])
+        cur.execute("SELECT ID FROM information_schema.PROCESSLIST "
+                    "WHERE USER = SUBSTRING_INDEX(USER(), '@', 1) AND ID <> CONNECTION_ID()")
+        return made, {int(row[0]) for row in cur.fetchall()}
+
+
+def test_watch_keeps_its_db_connections_and_recovers_when_they_drop(cluster, shared_tmp: Path) -> None:
+    """What `hpopt status --watch` does between refreshes, against the DB job on the test cluster."""
+    run = RunDir(shared_tmp / "run")
+    assert hpopt(run, cluster, "db", "start").returncode == 0
+    try:
+        storage = optuna.storages.RDBStorage(sqlalchemy_url(run))
+        study = optuna.create_study(study_name="watched", storage=storage)
+        storage.engine.dispose()  # only the collector's connections are left to watch
+
+        with StatusCollector(run, slurm=Slurm(env=cluster)) as collector:
+            first = collector.collect()
+            assert first["db"]["reachable"] is True and first["study"]["available"] is True
+            with app_connection(run) as mine:
+                made, open_ids = server_side(mine)
+                assert open_ids  # the probe's and the study's connections stay open between refreshes
+                second = collector.collect()
+                assert second["db"]["reachable"] is True and second["db"]["rtt_ms"] >= 0
+                assert server_side(mine) == (made, open_ids)  # the same connections; no new one
+
+                study.ask()  # a kept connection must still see what changed since (no old snapshot)
+                storage.engine.dispose()
+                third = collector.collect()
+                assert third["db"]["studies"] == [{"name": "watched", "trials_by_state": {"RUNNING": 1}}]
+                assert third["study"]["counts"]["running"] == 1
+
+                with mine.cursor() as cur:  # the server drops them (as an idle timeout or a crash would)
+                    for conn_id in open_ids:
+                        cur.execute(f"KILL CONNECTION {conn_id}")
+                dropped = collector.collect()
+                assert dropped["db"]["reachable"] is True and dropped["study"]["available"] is True
+                made_again, reopened = server_side(mine)
+                assert made_again > made and reopened and not reopened & open_ids
+
+            assert hpopt(run, cluster, "db", "stop").returncode == 0
+            down = collector.collect()
+            assert down["db"]["reachable"] is False
+            assert hpopt(run, cluster, "db", "start").returncode == 0  # a new job, maybe on another port
+            back = collector.collect()  # the endpoint is read again: the first refresh finds the new server
+            assert back["db"]["reachable"] is True, back["db"]["error"]
+            assert back["study"]["available"] is True and back["study"]["counts"]["running"] == 1
+            with app_connection(run) as mine:
+                assert server_side(mine)[1]
+                collector.close()
+                assert server_side(mine)[1] == set()  # close() hangs up all of them
+    finally:
+        hpopt(run, cluster, "db", "stop")

@@ -57,6 +57,16 @@ def test_gpu_plan_takes_the_profiles_gpu_partition_and_gres(tmp_path: Path) -> N
     assert (p.warn_s, plan(tmp_path, time="4").warn_s) == (120, 60)  # a short job is not warned at its start
 
 
+def test_plan_overrides_only_what_the_launch_changes_and_leaves_the_config_alone(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    p = make_plan(cfg, study="painn", workers=2, gpu=True, time="30", partition="gpu-a100", slurm_available=True)
+    assert (p.partition, p.time, p.slurm.cpu_partition) == ("gpu-a100", "30", "cpu-small")
+    assert (p.slurm.account, p.slurm.mem, p.slurm.prelude) == ("gts-pi", "16G", cfg.slurm.prelude)
+    assert (cfg.slurm.gpu_partition, cfg.slurm.worker_time) == ("gpu-v100", "2:00:00")
+    with pytest.raises(HpoptError, match="--time '1h'"):
+        plan(tmp_path, profile={"worker_time": "1h"})  # a malformed profile walltime is refused too
+
+
 def test_local_mode_when_asked_or_without_slurm_and_refusals(tmp_path: Path) -> None:
     assert plan(tmp_path, gpu=False, local=True).via == "local"
     assert plan(tmp_path, gpu=False, slurm_available=False).via == "local"

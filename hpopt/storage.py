@@ -60,7 +60,7 @@ class Liveness:
         )
 
 
-def pool_size_for(pool_size: int | None) -> dict[str, Any]:
+def engine_options(pool_size: int | None, retried: bool = False) -> dict[str, Any]:
     """SQLAlchemy engine options for one process.
 
     MariaDB allows 151 connections by default and SQLAlchemy's default pool is 5 + 10 overflow
@@ -69,19 +69,25 @@ def pool_size_for(pool_size: int | None) -> dict[str, Any]:
     need at most 128 connections, leaving room for status, the dashboard and the DB job's tools.
     `pool_pre_ping` replaces connections the server dropped (restart, wait_timeout) instead of
     failing the next query; `pool_recycle` stays below MariaDB's 8 h wait_timeout.
+
+    `retried`: the caller (the worker) retries every DB call after reconnecting, so a dropped
+    connection costs one failed call and neither the ping on checkout nor the rollback on return
+    is needed. Every transaction then must end in commit or rollback (`engine.begin()`, Optuna's
+    sessions): a transaction left open would carry its stale read view to the next checkout.
+    Those two are 2 of the 8 round trips of a trial's claim + finish.
     """
     size = 2 if pool_size is None else max(1, pool_size)
-    return {"pool_size": size, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600,
-            "pool_timeout": 30}
+    return {"pool_size": size, "max_overflow": 2, "pool_pre_ping": not retried, "pool_recycle": 3600,
+            "pool_timeout": 30, **({"pool_reset_on_return": None} if retried else {})}
 
 
 def open_storage(run_dir: RunDir, *, pool_size: int | None = None, create_schema: bool = False,
-                 liveness: Liveness | None = None) -> BaseStorage:
+                 liveness: Liveness | None = None, retried: bool = False) -> BaseStorage:
     """The run's storage: MariaDB when an endpoint file exists, else the local journal.
 
     `create_schema=True` is for `hpopt study create` only: workers never create tables, because
     eight of them racing `create_all` on an empty MariaDB crash with "Duplicate entry" on the
-    alembic version row or "Table ... already exists".
+    alembic version row or "Table ... already exists". `retried`: see `engine_options`.
     """
     liveness = liveness or Liveness.from_env()
     if run_dir.endpoint_file.exists():
@@ -92,7 +98,7 @@ def open_storage(run_dir: RunDir, *, pool_size: int | None = None, create_schema
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             backend = RDBStorage(
                 url,
-                engine_kwargs=pool_size_for(pool_size),
+                engine_kwargs=engine_options(pool_size, retried),
                 skip_table_creation=not create_schema,
                 heartbeat_interval=liveness.heartbeat_s,
                 grace_period=liveness.grace_s,
@@ -385,7 +391,7 @@ def count_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int] |
     from optuna.storages._rdb import models
 
     trials = models.TrialModel.__table__
-    with backend.engine.connect() as conn:
+    with backend.engine.begin() as conn:  # begin: committed, so no read view outlives the query
         rows = conn.execute(sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id)
                             .group_by(trials.c.state)).all()
     return {state: n for state, n in rows}

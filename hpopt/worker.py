@@ -132,7 +132,7 @@ class Connection:
     def _connect(self) -> Experiment:
         if self.server and not self.run_dir.endpoint_file.exists():
             raise FileNotFoundError(f"{self.run_dir.endpoint_file} (DB job renewing?)")
-        storage = open_storage(self.run_dir, liveness=self.settings.liveness)
+        storage = open_storage(self.run_dir, liveness=self.settings.liveness, retried=True)
         exp = load_experiment(storage, self.study_name, seed=self.seed)
         self.seed = exp.seed
         return exp

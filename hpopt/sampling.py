@@ -22,6 +22,7 @@ from typing import Any, Container
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.samplers._tpe.sampler import _split_trials, default_gamma
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -139,12 +140,21 @@ def sample_params(study: optuna.Study, space: Any, window: list[FrozenTrial]) ->
 
 
 class WindowedTPESampler(optuna.samplers.TPESampler):
-    """`TPESampler(multivariate=True, constant_liar=True)` over a bounded view of the study."""
+    """`TPESampler(multivariate=True, constant_liar=True)` over a bounded view of the study.
+
+    Sampling from a snapshot, the two Parzen estimators (good and bad trials) are a function of
+    the snapshot's window alone, so they are built once per window and search space and reused
+    by every ask until the next snapshot; each ask still draws its own candidates. Samples are
+    distributed exactly as if the estimators were rebuilt each time (building them is ~80 % of
+    TPE's time). A live study (`study.ask()`) goes through Optuna's path unchanged.
+    """
 
     def __init__(self, *, seed: int | None = None, recent: int = 300, elite: int = 60) -> None:
         super().__init__(multivariate=True, constant_liar=True, seed=seed)
         self._recent = recent
         self._elite = elite
+        self._estimators_of: list[FrozenTrial] | None = None  # the window the memo below belongs to
+        self._estimators: dict[tuple[tuple[str, BaseDistribution], ...], tuple[Any, Any]] = {}
 
     def sample_relative(self, study: Any, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -157,3 +167,28 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
     def _bounded(self, study: Any) -> Any:
         """A snapshot's window is bounded already; a live study is bounded on each read."""
         return study if isinstance(study, _SnapshotView) else _BoundedView(study, self._recent, self._elite)
+
+    def _sample(self, study: Any, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """Optuna 5.0's `TPESampler._sample`, with the estimators memoized per snapshot window."""
+        if not isinstance(study, _SnapshotView):
+            return super()._sample(study, trial, search_space)
+        if self._estimators_of is not study._window:
+            self._estimators_of, self._estimators = study._window, {}
+        key = tuple(search_space.items())
+        if key not in self._estimators:
+            self._estimators[key] = self._build_estimators(study, search_space)
+        below, above = self._estimators[key]
+        samples = below.sample(self._rng.rng, self._n_ei_candidates)
+        best = optuna.samplers.TPESampler._compare(samples, self._compute_acquisition_func(samples, below, above))
+        return {name: dist.to_external_repr(best[name]) for name, dist in search_space.items()}
+
+    def _build_estimators(self, study: Any, search_space: dict[str, BaseDistribution]) -> tuple[Any, Any]:
+        """The good/bad split and the two estimators, as `TPESampler._sample` builds them (the
+        trial being sampled is not in a snapshot, so there is nothing to filter out)."""
+        trials = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+        if self._gamma is None:
+            self._gamma = default_gamma
+        n = sum(t.state != TrialState.RUNNING for t in trials)
+        below, above = _split_trials(study, trials, self._gamma(n))
+        return (self._build_parzen_estimator(study, search_space, below, handle_below=True),
+                self._build_parzen_estimator(study, search_space, above, handle_below=False))

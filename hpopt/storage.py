@@ -311,9 +311,9 @@ def _upsert_user_attrs(conn: Any, trial_id: int, attrs: dict[str, Any]) -> None:
     from optuna.storages._rdb import models
     from sqlalchemy.dialects.mysql import insert
 
-    stmt = insert(models.TrialUserAttributeModel.__table__).values(
-        [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
-    conn.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json))
+    stmt = insert(models.TrialUserAttributeModel.__table__)  # rows as parameters: compiled once, cached
+    conn.execute(stmt.on_duplicate_key_update(value_json=stmt.inserted.value_json),
+                 [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
 
 
 def fail_and_requeue(study: optuna.Study, trial_id: int, attrs: dict[str, Any], max_retry: int | None) -> bool:

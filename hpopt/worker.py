@@ -14,6 +14,7 @@ finished trial's result is kept in memory until it is told.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import optuna
 from optuna.trial import TrialState
@@ -164,31 +165,39 @@ class Connection:
 
 
 class Heartbeat:
-    """Beats for the running trial from a thread; a failed beat is logged, never fatal."""
+    """Beats for the trial being trained from one thread per worker (a thread per trial would
+    cost a thread start per trial); a failed beat is logged, never fatal."""
 
-    def __init__(self, conn: Connection, trial_id: int, interval_s: float) -> None:
+    def __init__(self, conn: Connection, interval_s: float) -> None:
         self.conn = conn
-        self.trial_id = trial_id
         self.interval_s = interval_s
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
-
-    def __enter__(self) -> "Heartbeat":
+        self.trial_id: int | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
+    @contextlib.contextmanager
+    def beating(self, trial_id: int) -> Iterator[None]:
+        """Beat for `trial_id` while the block runs (its first beat was written with the trial)."""
+        self.trial_id = trial_id
+        try:
+            yield
+        finally:
+            self.trial_id = None
+
+    def stop(self) -> None:
+        self.stopped.set()
         self.thread.join()
 
     def _run(self) -> None:
-        while not self.done.wait(self.interval_s):
+        while not self.stopped.wait(self.interval_s):
+            trial_id, exp = self.trial_id, getattr(self.conn, "exp", None)
+            if trial_id is None or exp is None:
+                continue
             try:
-                exp = getattr(self.conn, "exp", None)
-                if exp is not None:
-                    beat(exp.study._storage, self.trial_id)
+                beat(exp.study._storage, trial_id)
             except Exception as exc:  # noqa: BLE001 - the main thread handles reconnects
-                self.conn.log.warning("heartbeat for trial id %d failed: %s", self.trial_id, _short(exc))
+                self.conn.log.warning("heartbeat for trial id %d failed: %s", trial_id, _short(exc))
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,7 @@ class Worker:
         self.flags = StopFlags()
         self.device = pick_device()
         self.conn = Connection(run_dir, study_name, settings, log)
+        self.heartbeat = Heartbeat(self.conn, settings.liveness.heartbeat_s)
         self.last_reap = 0.0
         self.last_sync = 0.0
         self.snapshot: list[optuna.trial.FrozenTrial] = []
@@ -310,6 +320,13 @@ class Worker:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._loop()
+        finally:
+            self.heartbeat.stop()
+            self.conn.drop()
+
+    def _loop(self) -> int:
         exp = self.conn.exp
         self.log.info("worker %s: study %s, device %s (CUDA_VISIBLE_DEVICES=%r), host %s, job %s, pid %d, seed %d",
                       self.ident.tag, exp.study.study_name, self.device, self.ident.gpu, self.ident.host,
@@ -351,7 +368,6 @@ class Worker:
         if self.flags.stop:
             self.log.info("stopping: %s", self.flags.reason)
         self.log.info("worker %s done: %d trials finished here", self.ident.tag, self.finished)
-        self.conn.drop()
         return self.finished
 
     def _refresh(self, exp: Experiment) -> tuple[list[optuna.trial.FrozenTrial], Tally, int]:
@@ -463,7 +479,7 @@ class Worker:
         self.log.info("trial %d: start %s", asked.number, asked.values)
         attrs: dict[str, Any] = {}
         try:
-            with Heartbeat(self.conn, trial_id, self.settings.liveness.heartbeat_s):
+            with self.heartbeat.beating(trial_id):
                 result = dict(self.trainer(config, exp.split, on_epoch, self.device))
             state, value, abandoned = TrialState.COMPLETE, float(result["val_mae"]), ""
             attrs.update({k: result[k] for k in RESULT_KEYS if k in result})

@@ -53,6 +53,9 @@ def amptorch_config(cfg: TrainConfig, images: list[Atoms], run_dir: str, device:
         raise HpoptError("trainer amptorch supports fp_scheme gaussian/auto with one cutoff only")
     m, o = cfg.model, cfg.optim
     elements = sorted({s for atoms in images for s in atoms.get_chemical_symbols()})
+    # amptorch reads the angular set under the name of its function: "G4" or "G5" (same definitions).
+    fp_params = {("G5" if group == "G4" and cfg.dataset.angular == "g5" else group): values
+                 for group, values in cfg.dataset.fp_params.items()}
     return {
         "model": {"name": m.name, "get_forces": False, "num_layers": len(m.widths), "num_nodes": m.widths[0],
                   "hidden_layers": m.widths, "activation": getattr(torch.nn, ACTIVATIONS[m.activation]),
@@ -64,7 +67,7 @@ def amptorch_config(cfg: TrainConfig, images: list[Atoms], run_dir: str, device:
                   "optimizer_args": {"optimizer__weight_decay": o.weight_decay},
                   **({"scheduler": o.scheduler} if o.scheduler else {})},
         "dataset": {"raw_data": images, "val_split": 0, "elements": elements, "fp_scheme": "gaussian",
-                    "fp_params": {"default": {**cfg.dataset.fp_params, "cutoff": cfg.dataset.cutoff}},
+                    "fp_params": {"default": {**fp_params, "cutoff": cfg.dataset.cutoff}},
                     "save_fps": False, "scaling": {"type": "normalize", "range": (0, 1)}},
         "cmd": {"debug": False, "run_dir": run_dir, "seed": cfg.cmd.seed, "identifier": "trial",
                 "verbose": False, "logger": False,

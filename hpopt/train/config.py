@@ -8,18 +8,19 @@ search space otherwise silently tunes nothing for a thousand trials.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from hpopt.errors import HpoptError
+from hpopt.typecheck import checked
 
 ACTIVATIONS = ("tanh", "relu", "gelu", "silu", "sigmoid", "softplus", "elu", "leakyrelu")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("StepLR", "ExponentialLR", "CosineAnnealingLR", "ReduceLROnPlateau")
 FP_SCHEMES = ("auto", "gaussian", "weighted")
+ANGULAR_FUNCTIONS = ("g5", "g4")
 TRAINERS = ("native", "amptorch")
 
 
@@ -66,7 +67,8 @@ class DatasetConfig:
     fp_scheme: str = "auto"  # "gaussian" (element-resolved), "weighted" (Gastegger 2018), "auto"
     fp_params: dict[str, Any] = field(default_factory=default_fp_params)
     cutoff: float = 6.0  # Angstrom, cosine cutoff of the radial (G2) functions
-    angular_cutoff: float = 0.0  # Angstrom, cutoff of the angular (G4) functions; 0: same as cutoff
+    angular_cutoff: float = 0.0  # Angstrom, cutoff of the angular functions; 0: same as cutoff
+    angular: str = "g5"  # "g5": Behler's G5 from O(pairs) moments (whole zetas); "g4": exact G4, O(triplets)
     auto_max_elements: int = 4  # "auto" uses "gaussian" up to this many elements, else "weighted"
 
 
@@ -98,36 +100,13 @@ def default_config() -> dict[str, Any]:
     return TrainConfig().as_dict()
 
 
-def _coerce(value: Any, expected: Any, key: str) -> Any:
-    if expected is bool and isinstance(value, bool):
-        return value
-    if expected is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if expected is str and isinstance(value, str):
-        return value
-    if expected is str and isinstance(value, type):  # amptorch passes classes: torch.nn.Tanh
-        return value.__name__
-    if expected == list[int] and isinstance(value, (list, tuple)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return list(value)
-    if expected == dict[str, Any] and isinstance(value, dict):
-        return copy.deepcopy(value)
-    if expected == dict[str, Any] and value is None:
-        return {}
-    name = getattr(expected, "__name__", str(expected))
-    raise HpoptError(f"train config: '{key}' must be {name}, got {type(value).__name__} ({value!r})")
-
-
 def _fill(target: Any, values: dict[str, Any], prefix: str) -> None:
     hints = get_type_hints(type(target))
     for key, value in values.items():
         if key not in hints:
             known = ", ".join(sorted(hints))
             raise HpoptError(f"train config: unknown key '{prefix}{key}' (known in {prefix[:-1]}: {known})")
-        setattr(target, key, _coerce(value, hints[key], prefix + key))
+        setattr(target, key, checked(value, hints[key], f"train config: '{prefix}{key}'"))
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str, *, fold: bool = True) -> str:
@@ -145,6 +124,7 @@ def _validate(cfg: TrainConfig) -> None:
     o.optimizer = _choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
     o.loss = _choice(o.loss, ("mse", "mae"), "optim.loss")
     d.fp_scheme = _choice(d.fp_scheme, FP_SCHEMES, "dataset.fp_scheme")
+    d.angular = _choice(d.angular, ANGULAR_FUNCTIONS, "dataset.angular")
     c.dtype = {"double": "float64", "float": "float32"}.get(c.dtype, c.dtype)
     c.dtype = _choice(c.dtype, ("float32", "float64"), "cmd.dtype")
     cfg.trainer = _choice(cfg.trainer, TRAINERS, "trainer")
@@ -167,6 +147,10 @@ def _validate(cfg: TrainConfig) -> None:
         if not isinstance(o.scheduler.setdefault("params", {}), dict):
             raise HpoptError("train config: 'optim.scheduler.params' must be a mapping")
     _validate_fp_params(d.fp_params)
+    zetas = d.fp_params.get("G4", {}).get("zetas", [])
+    if d.angular == "g5" and any(z != int(z) or z < 1 for z in zetas):
+        raise HpoptError(f"train config: 'dataset.fp_params.G4.zetas' must be whole numbers >= 1 with "
+                         f"dataset.angular g5, got {zetas}; set 'dataset.angular: g4' for other zetas")
 
 
 def _validate_fp_params(params: dict[str, Any]) -> None:
@@ -203,7 +187,7 @@ def parse_config(raw: dict[str, Any] | TrainConfig | None) -> TrainConfig:
     cfg = TrainConfig()
     for key, value in raw.items():
         if key == "trainer":
-            cfg.trainer = _coerce(value, str, "trainer")
+            cfg.trainer = checked(value, str, "train config: 'trainer'")
         elif key in SECTIONS:
             if not isinstance(value, dict):
                 raise HpoptError(f"train config: '{key}' must be a mapping")

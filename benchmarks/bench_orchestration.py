@@ -10,7 +10,9 @@ millisecond measured is orchestration (sampling, DB round trips, budget bookkeep
   heartbeats, per-trial user attrs, windowed parallel TPE) with a trainer that returns at once.
 
 Latency is the time between one objective call ending and the next one starting in the same
-process (tell + budget check + ask). Printed: p50/p95 over all trials and over the late half,
+process (tell + budget check + ask). Every process imports its modules before a common start
+signal (hpopt workers import torch to pick their device: ~2 s of CPU each), so one-off start-up
+is not counted as per-trial overhead on either side. Printed: p50/p95 over all trials and over the late half,
 trials/s, budget overshoot, and the hpopt/plain ratios.
 
     python benchmarks/bench_orchestration.py              # 4000 trials, 8 workers (~4 min on 2 cores)
@@ -83,11 +85,13 @@ def throwaway_mariadb() -> Iterator[str]:
             server.wait(timeout=60)
 
 
-def plain_worker(url: str, name: str, n_trials: int, out: "mp.Queue[list[tuple[float, float]]]") -> None:
+def plain_worker(url: str, name: str, n_trials: int, out: "mp.Queue[list[tuple[float, float]]]",
+                 start: Any) -> None:
     import optuna
 
     from hpopt.space import parse_space
 
+    start.wait()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space(SPACE)
     study = optuna.create_study(storage=url, study_name=name, load_if_exists=True)
@@ -108,10 +112,13 @@ def plain_worker(url: str, name: str, n_trials: int, out: "mp.Queue[list[tuple[f
     out.put(samples)
 
 
-def hpopt_worker(run_root: str, name: str, index: int, out: "mp.Queue[list[tuple[float, float]]]") -> None:
+def hpopt_worker(run_root: str, name: str, index: int, out: "mp.Queue[list[tuple[float, float]]]",
+                 start: Any) -> None:
     from hpopt.rundir import RunDir
-    from hpopt.worker import run_worker
+    from hpopt.worker import pick_device, run_worker
 
+    pick_device()  # imports torch, as every worker does at start
+    start.wait()
     marks: list[tuple[float, float]] = []  # (objective start, objective end)
 
     def trainer(config: dict[str, Any], split: str, on_epoch: Any, device: str) -> dict[str, float]:
@@ -126,7 +133,11 @@ def hpopt_worker(run_root: str, name: str, index: int, out: "mp.Queue[list[tuple
     out.put([(end_next, start_next - end) for (_, end), (start_next, end_next) in zip(marks, marks[1:])])
 
 
-def collect(procs: list[mp.Process], queue: "mp.Queue[list[tuple[float, float]]]") -> list[tuple[float, float]]:
+def run_all(procs: list[Any], start: Any, queue: "mp.Queue[list[tuple[float, float]]]") -> list[tuple[float, float]]:
+    """Start the processes, release them together once all have imported, collect samples."""
+    for proc in procs:
+        proc.start()
+    start.wait()
     samples: list[tuple[float, float]] = []
     for _ in procs:
         samples += queue.get()
@@ -189,10 +200,9 @@ def main() -> None:
         name = f"bench-hpopt-{suffix}"
         create_study(storage, StudySpec(name, parse_space(SPACE), budget=trials, pruner="none"))
         queue = ctx.Queue()
-        procs = [ctx.Process(target=hpopt_worker, args=(tmp, name, i, queue)) for i in range(args.workers)]
-        for proc in procs:
-            proc.start()
-        ours_samples = collect(procs, queue)
+        start = ctx.Barrier(args.workers + 1)
+        procs = [ctx.Process(target=hpopt_worker, args=(tmp, name, i, queue, start)) for i in range(args.workers)]
+        ours_samples = run_all(procs, start, queue)
         done = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         finished = sum(t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED") for t in done)
         surplus = sum(bool(t.user_attrs.get("surplus")) for t in done)
@@ -207,10 +217,9 @@ def main() -> None:
         plain_name = f"bench-plain-{suffix}"
         optuna.create_study(storage=url, study_name=plain_name)
         per = [trials // args.workers + (i < trials % args.workers) for i in range(args.workers)]
-        procs = [ctx.Process(target=plain_worker, args=(url, plain_name, n, queue)) for n in per]
-        for proc in procs:
-            proc.start()
-        plain_samples = collect(procs, queue)
+        start = ctx.Barrier(args.workers + 1)
+        procs = [ctx.Process(target=plain_worker, args=(url, plain_name, n, queue, start)) for n in per]
+        plain_samples = run_all(procs, start, queue)
         done = optuna.load_study(study_name=plain_name, storage=url).get_trials(deepcopy=False)
         starts = [t.datetime_start for t in done if t.datetime_start]
         ends = [t.datetime_complete for t in done if t.datetime_complete]

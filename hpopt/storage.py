@@ -175,6 +175,12 @@ def _mysql_backend(storage: BaseStorage) -> RDBStorage | None:
     return backend if isinstance(backend, RDBStorage) and backend.engine.name == "mysql" else None
 
 
+def mysql_engine(storage: BaseStorage) -> Any:
+    """The SQLAlchemy engine of a MariaDB/MySQL storage (None for other backends)."""
+    backend = _mysql_backend(storage)
+    return None if backend is None else backend.engine
+
+
 # The worker's two writes per trial, each one transaction of a few statements on MariaDB.
 #
 # Through Optuna's ORM a trial costs ~35 queries: creating it with its parameters checks each

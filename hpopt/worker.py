@@ -41,6 +41,7 @@ from hpopt.space import apply_values
 from hpopt.storage import (Liveness, atomic_claims, beat, claim_trial, close_storage, count_states, fail_and_requeue,
                            finish_trial, is_disconnect, open_storage, reap_stale, withdraw)
 from hpopt.study import Experiment, load_experiment
+from hpopt.trial_feed import TrialFeed
 
 T = TypeVar("T")
 OnEpoch = Callable[[int, float, float], None]
@@ -300,6 +301,7 @@ class Worker:
         self.snapshot: list[optuna.trial.FrozenTrial] = []
         self.window: list[optuna.trial.FrozenTrial] = []  # the part of the snapshot the sampler sees
         self.counts: Tally | None = None  # trials per state, as last seen
+        self.feed: TrialFeed | None = None  # lean trial reads, with atomic claims
         self.finished = 0
 
     # -- signals ---------------------------------------------------------------------------
@@ -391,8 +393,12 @@ class Worker:
             self.counts = tally_counts(by_state) if by_state is not None else None
             due = self.counts is None or (not atomic and near_end(self.counts, exp.budget))
         if due:
-            self.snapshot = exp.study.get_trials(deepcopy=False)
-            self.window = sampler_window(exp.study, self.snapshot) if atomic else []
+            if atomic:
+                self.feed = self.feed or TrialFeed(exp.study._study_id)
+                self.snapshot = self.feed.read(exp.study._storage)
+                self.window = sampler_window(exp.study, self.snapshot)
+            else:
+                self.snapshot, self.window = exp.study.get_trials(deepcopy=False), []
             self.last_sync = time.monotonic()
             self.counts = tally(self.snapshot)
         assert self.counts is not None

@@ -1,6 +1,7 @@
 """Atomic trial claims on a real MariaDB (`hpopt db` local mode): the budget check, the trial's
 creation and the hand-out of queued retries happen in one transaction, so racing workers can
-never overshoot the budget or share a trial number."""
+never overshoot the budget or share a trial number. And the workers' lean trial feed reads
+what Optuna reads."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hpopt.sampling import sample_params, sampler_window
 from hpopt.space import parse_space
 from hpopt.storage import atomic_claims, claim_trial, close_storage, fail_and_requeue, finish_trial, open_storage
 from hpopt.study import StudySpec, create_study, load_experiment
+from hpopt.trial_feed import TrialFeed
 
 pytestmark = pytest.mark.cluster
 
@@ -99,3 +101,29 @@ def test_racing_claims_never_overshoot_or_share_numbers(run_dir: RunDir) -> None
     assert sorted(claimed) == [0, 1, 2, 3, 4]
     trials = optuna.load_study(study_name="race", storage=open_storage(run_dir)).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3, 4]
+
+
+def test_trial_feed_matches_optuna_and_follows_changes(run_dir: RunDir) -> None:
+    storage = open_storage(run_dir, create_schema=True)
+    study = create_study(storage, StudySpec("feed", SPACE, budget=10, pruner="none"))
+    claims = [fresh_claim(storage, "feed", 10)[0].trial for _ in range(4)]
+    assert finish_trial(storage, claims[0].trial_id, TrialState.COMPLETE, 0.25, {"wall_s": 1.5})
+    assert finish_trial(storage, claims[1].trial_id, TrialState.PRUNED, 0.5, {"wall_s": 2.0})
+    feed = TrialFeed(study._study_id)
+
+    def same_as_optuna() -> None:
+        ours = feed.read(storage)
+        theirs = optuna.load_study(study_name="feed", storage=open_storage(run_dir)).get_trials()
+        assert [(t._trial_id, t.number, t.state, t.value, t.params, t.distributions) for t in ours] == \
+            [(t._trial_id, t.number, t.state, t.value, t.params, t.distributions) for t in theirs]
+        assert [t.user_attrs.get("wall_s") for t in ours] == [t.user_attrs.get("wall_s") for t in theirs]
+
+    same_as_optuna()
+    assert finish_trial(storage, claims[2].trial_id, TrialState.COMPLETE, 0.125, {"wall_s": 3.0})  # was RUNNING
+    assert fail_and_requeue(study, claims[3].trial_id, {}, max_retry=2)  # a FAIL and a new WAITING retry
+    same_as_optuna()
+    assert [t.state for t in feed.read(storage)][3:] == [TrialState.FAIL, TrialState.WAITING]
+    assert fresh_claim(storage, "feed", 10)[0].trial.retry  # WAITING -> RUNNING
+    same_as_optuna()
+    assert [t.state for t in feed.read(storage)] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE,
+                                                     TrialState.FAIL, TrialState.RUNNING]

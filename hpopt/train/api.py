@@ -108,9 +108,11 @@ def run_trial(config: dict[str, Any], manifest_path: str | Path, *,
               cache_dir: str | Path | None = None, device: str | None = None) -> TrainResult:
     """Train once on the manifest's train split, score on its validation split.
 
-    `on_epoch(epoch, val_mae_eV, train_mae_eV)` is called after every epoch; exceptions raised
-    from it propagate (that is how pruning stops a trial). `config` is the amptorch-shaped dict;
-    missing keys take defaults, unknown keys raise HpoptError. Never touches the test split.
+    `on_epoch(epoch, val_mae_eV, train_mae_eV)` is called after every epoch (native trainer: exact
+    validation MAE, running train MAE of the epoch's batches); exceptions raised from it propagate
+    (that is how pruning stops a trial). The returned MAEs are exact, of the restored best epoch.
+    `config` is the amptorch-shaped dict; missing keys take defaults, unknown keys raise
+    HpoptError. Never touches the test split.
     """
     started = time.perf_counter()
     cfg = parse_config(config)

@@ -5,9 +5,11 @@ energies from the training split carry the composition, the network learns the p
 in scaled units. `singlenn` is one network for all elements (the centre's element is appended as a
 one-hot), `bpnn` one network per element (atoms sorted so each element is one contiguous block).
 
-singlenn's one-hot is never materialised: its block of the first weight matrix is applied as a
-row lookup by element index (the same function and parameters as multiplying the one-hot; on OC20's
-55 elements the inputs shrink from 71 to 16 columns, which is most of the per-epoch cost).
+singlenn's one-hot is never materialised: its block of the first weight matrix (plus the bias) is
+looked up by element index (`dense.dense_stack`; the same function and parameters as multiplying
+the one-hot; on OC20's 55 elements the inputs shrink from 71 to 16 columns). The modules define the
+network and its saved state; the forward pass runs their Linear layers and activations as fused
+`dense_stack` nodes.
 """
 
 from __future__ import annotations
@@ -23,11 +25,27 @@ from torch import nn
 from hpopt.errors import HpoptError
 from hpopt.train import fingerprints
 from hpopt.train.data import fit_references
+from hpopt.train.dense import FUSED_ACTIVATIONS, dense_stack
 from hpopt.train.config import ModelConfig, TrainConfig, parse_config
 from hpopt.train.fingerprints import FingerprintSpec, Fingerprints
 
-ACTIVATION_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+
+class Tanh(nn.Module):
+    """tanh, on the CPU as 2 sigmoid(2x) - 1 (the same function to float rounding): torch's CPU
+    tanh kernel is ~6x slower than its sigmoid. Only runs where `dense_stack` cannot fuse it (after
+    batchnorm); other devices use torch.tanh."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cpu:
+            return torch.tanh(x)
+        return torch.sigmoid(2 * x) * 2 - 1
+
+
+ACTIVATION_MODULES = {"tanh": Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
                       "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "elu": nn.ELU, "leakyrelu": nn.LeakyReLU}
+_FUSED = {Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}  # activations dense_stack applies itself
+_FUSED_MODULES = tuple(_FUSED)
+assert set(_FUSED.values()) == set(FUSED_ACTIVATIONS)
 
 
 class AtomicNetwork(nn.Module):
@@ -73,13 +91,22 @@ class AtomicNetwork(nn.Module):
         return torch.cat(blocks)
 
     def _run(self, net: nn.Sequential, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        if not self.n_classes:
-            return net(x).squeeze(-1)
-        first, split = net[0], x.shape[1]
-        hidden = nn.functional.linear(x, first.weight[:, :split], first.bias)
-        table = first.weight[:, split:].t().contiguous()  # row c: the one-hot column c's weights
-        hidden = hidden + table.index_select(0, classes)
-        return net[1:](hidden).squeeze(-1)
+        """net(x): each run of Linear layers (each with the activation right after it, when that
+        has a fused form) is one `dense_stack` node; other modules (batchnorm, dropout, other
+        activations) run as themselves between runs. The first layer takes singlenn's one-hot as
+        `classes`."""
+        layers, hidden, run = list(net), x, []
+        for k, layer in enumerate(layers):
+            if isinstance(layer, nn.Linear):
+                following = layers[k + 1] if k + 1 < len(layers) else None
+                run.append((layer.weight, layer.bias, _FUSED.get(type(following))))
+                continue
+            if run and run[-1][2] and isinstance(layer, _FUSED_MODULES):
+                continue  # applied inside the run
+            if run:
+                hidden, run, classes = dense_stack(hidden, run, classes), [], None
+            hidden = layer(hidden)
+        return dense_stack(hidden, run, classes).squeeze(-1)
 
 
 @dataclass

@@ -4,11 +4,15 @@ Each epoch draws one permutation of the training images and gathers the atoms of
 one go (grouped by batch, and by element for `bpnn`), so a step is a few slices of tensors already
 on the device plus the network. `batch_loss` is a function of (network, data tensors) only, so a
 later version can stack many same-shape trials along a leading dimension (torch.func) unchanged.
+
+Per epoch the loop evaluates only the validation split (exact, eval mode: pruning and keep-best
+need it); the train MAE it reports per epoch is the running MAE of the epoch's own batches (train
+mode, weights changing within the epoch). Exact train and validation predictions of the restored
+best network come once, at the end.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +21,7 @@ import torch
 
 from hpopt.train.config import OptimConfig
 from hpopt.train.fingerprints import Fingerprints
-from hpopt.train.model import AtomicNetwork, PotentialModel, counts, image_index
+from hpopt.train.model import AtomicNetwork, PotentialModel, counts
 
 EpochCallback = Callable[[int, float, float], None]
 
@@ -26,7 +30,7 @@ EpochCallback = Callable[[int, float, float], None]
 class FitOutcome:
     epochs_run: int
     best_epoch: int
-    train_energy: torch.Tensor  # eV, predictions of the restored best network
+    train_energy: torch.Tensor  # eV, exact predictions of the restored best network (eval mode)
     val_energy: torch.Tensor
 
 
@@ -36,8 +40,9 @@ class TrainTensors:
 
     x: torch.Tensor
     element: torch.Tensor
-    image: torch.Tensor
-    n_atoms: torch.Tensor  # float, per image
+    counts: torch.Tensor  # atoms per image (integer)
+    first_atom: torch.Tensor  # row of each image's first atom in x
+    n_atoms: torch.Tensor  # atoms per image, in the model's dtype
     target: torch.Tensor  # (residual / n_atoms - mean) / std, per image
 
 
@@ -45,21 +50,68 @@ def train_tensors(model: PotentialModel, fps: Fingerprints) -> TrainTensors:
     fps = fps.to(model.device)
     s = model.scalers
     per_atom = (fps.energy - counts(fps, len(model.spec.elements)) @ s.references) / fps.n_atoms
-    return TrainTensors(model.inputs(fps), fps.element, image_index(fps.n_atoms), fps.n_atoms.to(model.dtype),
-                        ((per_atom - s.energy_mean) / s.energy_std).to(model.dtype))
+    return TrainTensors(model.inputs(fps), fps.element, fps.n_atoms, torch.cumsum(fps.n_atoms, 0) - fps.n_atoms,
+                        fps.n_atoms.to(model.dtype), ((per_atom - s.energy_mean) / s.energy_std).to(model.dtype))
+
+
+@dataclass
+class EpochLayout:
+    """Where this epoch's batches are: `order` gathers the training atoms so that each batch (and,
+    for `bpnn`, each element within it) is one contiguous block of rows."""
+
+    order: torch.Tensor  # row -> atom
+    local_image: torch.Tensor  # row -> index of its image within its batch
+    sizes: list[list[int]]  # rows per (batch, network)
+
+
+def epoch_layout(data: TrainTensors, perm: torch.Tensor, batch_size: int, n_nets: int) -> EpochLayout:
+    """Images in `perm` order, their atoms block by block (repeat_interleave, no sort); with several
+    networks one stable sort per epoch groups each batch's atoms by element."""
+    n_rows, n_images = data.x.shape[0], perm.numel()
+    atoms = data.counts.index_select(0, perm)
+    first_row = torch.cumsum(atoms, 0) - atoms
+    order = torch.repeat_interleave(data.first_atom.index_select(0, perm) - first_row, atoms, output_size=n_rows)
+    order += torch.arange(n_rows, device=order.device)
+    slot = torch.arange(n_images, device=perm.device)  # per image; per row, int64 % and // would cost 2x
+    local = torch.repeat_interleave(slot % batch_size, atoms, output_size=n_rows)
+    key = torch.repeat_interleave(slot // batch_size, atoms, output_size=n_rows)
+    if n_nets > 1:
+        key = key * n_nets + data.element.index_select(0, order)
+        regroup = torch.argsort(key, stable=True)
+        order, local, key = order[regroup], local[regroup], key[regroup]
+    n_batches = math.ceil(n_images / batch_size)
+    sizes = torch.bincount(key, minlength=n_batches * n_nets).view(n_batches, n_nets).tolist()
+    return EpochLayout(order, local, sizes)
 
 
 def batch_loss(net: AtomicNetwork, x: torch.Tensor, classes: torch.Tensor | None, groups: list[tuple[int, int]],
-               local_image: torch.Tensor, n_atoms: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Loss of one batch: atomic outputs summed per image (index_add), averaged per atom."""
-    sums = torch.zeros_like(target).index_add_(0, local_image, net(x, groups, classes))
-    err = sums / n_atoms - target
-    return (err * err).mean() if loss == "mse" else err.abs().mean()
+               local_image: torch.Tensor, n_atoms: torch.Tensor, target: torch.Tensor, loss: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one batch: atomic outputs summed per image (index_add), averaged per atom. Also
+    returns the per-image errors (scaled per-atom units, detached) for the running train MAE."""
+    per_atom = torch.zeros_like(target).index_add_(0, local_image, net(x, groups, classes)) / n_atoms
+    loss_fn = torch.nn.functional.mse_loss if loss == "mse" else torch.nn.functional.l1_loss
+    return loss_fn(per_atom, target), per_atom.detach() - target
 
 
-def _optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+def flat_parameters(net: torch.nn.Module) -> torch.Tensor:
+    """Turn every parameter of `net`, and its gradient, into a view of one buffer; returns that
+    buffer with `.grad` set. The optimizer then updates a few flat tensors (one fused kernel, not
+    a dozen launches and their Python), and zeroing all gradients is one fill; backward
+    accumulates into the views in place. The module keeps working as before (state_dict,
+    load_state_dict)."""
+    params = list(net.parameters())
+    sizes = [p.numel() for p in params]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat.grad = torch.zeros_like(flat)
+    for param, value, grad in zip(params, flat.split(sizes), flat.grad.split(sizes)):
+        param.data = value.view_as(param)
+        param.grad = grad.view_as(param)
+    return flat
+
+
+def _optimizer(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.Optimizer:
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optim.optimizer]
-    # fused: one kernel for all parameters; small models are otherwise dominated by the step
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
 
 
@@ -74,60 +126,64 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
         on_epoch: EpochCallback | None = None, keep_best: bool = True) -> FitOutcome:
     """Train `model.net` in place; with `keep_best`, restore the epoch with the lowest validation MAE.
 
-    `on_epoch(epoch, val_mae, train_mae)` (eV) runs after every epoch; whatever it raises (e.g.
-    optuna.TrialPruned) propagates. Early stopping after `optim.patience` epochs without progress.
-    Without `keep_best` (validation is part of the training data) the last epoch is kept.
+    `on_epoch(epoch, val_mae, train_mae)` (eV) runs after every epoch: `val_mae` is exact (eval
+    mode, after the epoch), `train_mae` the running MAE of the epoch's batches as they were
+    trained on (train mode). Whatever it raises (e.g. optuna.TrialPruned) propagates. Early
+    stopping after `optim.patience` epochs without progress. Without `keep_best` (validation is
+    part of the training data) the last epoch is kept. The outcome holds exact predictions.
     """
     optim = model.config.optim
     data = train_tensors(model, train)
-    evaluation = model.prepare(Fingerprints.cat([train, val]))
-    n_train = train.n_atoms.numel()
-    true_energy = torch.cat([train.energy, val.energy]).to(model.device)
-    opt = _optimizer(list(model.net.parameters()), optim)
+    val_inputs = model.prepare(val)
+    val_energy = val.energy.to(model.device)
+    flat = flat_parameters(model.net)
+    # one optimizer tensor per network: a bpnn batch without some element leaves that network's
+    # gradient None, so the optimizer skips it (no momentum step, no step count), as per parameter
+    per_net = [sum(p.numel() for p in net.parameters()) for net in model.net.nets]
+    net_params, net_grads = flat.split(per_net), flat.grad.split(per_net)
+    opt = _optimizer(list(net_params), optim)
     scheduler = _scheduler(opt, optim)
     generator = torch.Generator().manual_seed(model.config.cmd.seed)
-    n_el = len(model.spec.elements) if model.per_element else 1
+    n_nets = len(model.net.nets)
     n_images, size = data.n_atoms.numel(), optim.batch_size
-    n_batches = math.ceil(n_images / size)
-
-    best = (math.inf, 0, copy.deepcopy(model.net.state_dict()))
-    epoch = 0
+    # the best epoch's parameters and buffers (batchnorm statistics), copied in place on improvement
+    live = [flat, *model.net.buffers()]
+    best_state = [t.clone() for t in live] if keep_best else []
+    best_mae, best_epoch, epoch = math.inf, 0, 0
     for epoch in range(1, epochs + 1):
         model.net.train()
         perm = torch.randperm(n_images, generator=generator).to(model.device)
-        rank = torch.empty_like(perm)
-        rank[perm] = torch.arange(n_images, device=model.device)
-        atom_batch = (rank // size)[data.image]
-        key = atom_batch * n_el + data.element if n_el > 1 else atom_batch
-        order = torch.argsort(key, stable=True)
-        sizes = torch.bincount(key, minlength=n_batches * n_el).view(n_batches, n_el).tolist()
-        x, local = data.x[order], (rank % size)[data.image[order]]
-        classes = model.classes(data.element[order])
-        target, n_atoms = data.target[perm], data.n_atoms[perm]
-        start = 0
-        for b, block in enumerate(sizes):
-            stop = start + sum(block)
-            loss = batch_loss(model.net, x[start:stop], None if classes is None else classes[start:stop],
-                              list(enumerate(block)), local[start:stop],
-                              n_atoms[b * size:(b + 1) * size], target[b * size:(b + 1) * size], optim.loss)
-            opt.zero_grad(set_to_none=True)
+        layout = epoch_layout(data, perm, size, n_nets)
+        rows = [sum(block) for block in layout.sizes]
+        classes = model.classes(data.element.index_select(0, layout.order))
+        n_atoms = data.n_atoms.index_select(0, perm)
+        batches = zip(layout.sizes, data.x.index_select(0, layout.order).split(rows), layout.local_image.split(rows),
+                      [None] * len(rows) if classes is None else classes.split(rows),
+                      n_atoms.split(size), data.target.index_select(0, perm).split(size))
+        errors = []
+        for block, x, local, part, batch_n_atoms, target in batches:
+            loss, err = batch_loss(model.net, x, part, list(enumerate(block)), local, batch_n_atoms, target,
+                                   optim.loss)
+            flat.grad.zero_()
             loss.backward()
+            for param, grad, rows in zip(net_params, net_grads, block):
+                param.grad = grad if rows else None
             opt.step()
-            start = stop
-
-        energy = model.energies_of(evaluation)
-        err = (energy - true_energy).abs()
-        train_mae, val_mae = float(err[:n_train].mean()), float(err[n_train:].mean())
+            errors.append(err)
+        train_mae = float((torch.cat(errors).abs() * n_atoms).mean()) * model.scalers.energy_std
+        val_mae = float((model.energies_of(val_inputs) - val_energy).abs().mean())
         if scheduler is not None:
             scheduler.step(val_mae) if optim.scheduler["policy"] == "ReduceLROnPlateau" else scheduler.step()
-        if val_mae < best[0]:
-            best = (val_mae, epoch, copy.deepcopy(model.net.state_dict()) if keep_best else None)
+        if val_mae < best_mae:
+            best_mae, best_epoch = val_mae, epoch
+            for saved, now in zip(best_state, live):
+                saved.copy_(now)
         if on_epoch is not None:
             on_epoch(epoch, val_mae, train_mae)
-        if keep_best and optim.patience and epoch - best[1] >= optim.patience:
+        if keep_best and optim.patience and epoch - best_epoch >= optim.patience:
             break
 
-    if keep_best:
-        model.net.load_state_dict(best[2])
-    energy = model.energies_of(evaluation)
-    return FitOutcome(epochs_run=epoch, best_epoch=best[1], train_energy=energy[:n_train], val_energy=energy[n_train:])
+    for saved, now in zip(best_state, live):
+        now.copy_(saved)
+    return FitOutcome(epochs_run=epoch, best_epoch=best_epoch, train_energy=model.energies(train),
+                      val_energy=model.energies_of(val_inputs))

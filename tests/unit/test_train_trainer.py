@@ -13,7 +13,8 @@ from hpopt.train.api import Pruned, load_model, retrain_and_test, run_trial
 from hpopt.train.config import parse_config
 from hpopt.train.data import energies, read_images
 from hpopt.train.demo import make_demo
-from hpopt.train.model import AtomicNetwork
+from hpopt.train import fingerprints, trainer
+from hpopt.train.model import AtomicNetwork, PotentialModel, fit_scalers
 from hpopt.train.split import load_manifest, make_split
 
 FAST = {"dataset": {"cutoff": 4.5, "angular_cutoff": 3.5}, "optim": {"epochs": 40, "lr": 5e-3, "batch_size": 16}}
@@ -82,20 +83,109 @@ def test_retrain_saves_a_model_that_reloads(manifest: Path, cache: Path, tmp_pat
     assert out["test_mae"] > 0 and Path(out["model_path"]).exists()
     model = load_model(out["model_path"])
     m = load_manifest(manifest)
-    test_images = read_images(m.source_path, m.test)
+    test_images, train_images = read_images(m.source_path, m.test), read_images(m.source_path, m.train)
     pred = model.predict(test_images)
     assert np.mean(np.abs(pred - energies(test_images))) == pytest.approx(out["test_mae"], rel=1e-4)
+    # the reported train MAE is exact (the saved network on every training image), not a running mean
+    train_pred = model.predict(train_images)
+    assert np.mean(np.abs(train_pred - energies(train_images))) == pytest.approx(out["train_mae"], rel=1e-4)
 
 
-def test_singlenn_element_lookup_equals_explicit_one_hot() -> None:
-    """singlenn takes the element as an index and applies its weight block as a row lookup: the
-    same outputs and gradients as feeding the one-hot through the first Linear."""
+def test_schedulers_change_the_learning_rate(manifest: Path, cache: Path) -> None:
+    plain: list[tuple[int, float, float]] = []
+    stepped: list[tuple[int, float, float]] = []
+    run_trial(_config(optim={"epochs": 2}), manifest, cache_dir=cache, on_epoch=lambda *a: plain.append(a))
+    step = {"policy": "StepLR", "params": {"step_size": 1, "gamma": 0.0}}  # lr 0 from epoch 2 on
+    run_trial(_config(optim={"epochs": 3, "scheduler": step}), manifest, cache_dir=cache,
+              on_epoch=lambda *a: stepped.append(a))
+    assert plain[0][1] == stepped[0][1] and plain[1][1] != plain[0][1]
+    assert stepped[0][1] == stepped[1][1] == stepped[2][1]  # frozen once the rate is 0
+    plateau = {"policy": "ReduceLROnPlateau", "params": {"patience": 0, "factor": 0.5}}
+    result = run_trial(_config(optim={"epochs": 4, "scheduler": plateau}), manifest, cache_dir=cache)
+    assert result.epochs_run == 4 and np.isfinite(result.val_mae)
+
+
+@pytest.mark.parametrize(("activation", "batchnorm", "dropout"),
+                         [("tanh", False, False), ("tanh", True, False), ("tanh", False, True), ("relu", False, True),
+                          ("gelu", True, False), ("sigmoid", False, False)])
+def test_network_equals_its_modules_with_explicit_one_hot(activation: str, batchnorm: bool, dropout: bool) -> None:
+    """AtomicNetwork.forward runs fused dense stacks and takes singlenn's element as an index:
+    the same outputs and gradients as feeding the one-hot through the nn.Sequential itself."""
     torch.manual_seed(0)
-    net = AtomicNetwork(6 + 4, 1, parse_config({"model": {"num_layers": 2, "num_nodes": 8}}).model, n_classes=4)
-    x, element = torch.randn(30, 6), torch.randint(0, 4, (30,))
-    got = net(x, [(0, 30)], element)
-    want = net.nets[0](torch.cat([x, torch.nn.functional.one_hot(element, 4).float()], dim=1)).squeeze(-1)
+    model = parse_config({"model": {"num_layers": 3, "num_nodes": 30, "activation": activation, "batchnorm": batchnorm,
+                                    "dropout": dropout, "dropout_rate": 0.2}}).model
+    net = AtomicNetwork(6 + 4, 1, model, n_classes=4).double().eval()
+    x, element = torch.randn(50, 6, dtype=torch.float64), torch.randint(0, 4, (50,))
+    got = net(x, [(0, 50)], element)
+    want = net.nets[0](torch.cat([x, torch.nn.functional.one_hot(element, 4).double()], dim=1)).squeeze(-1)
     torch.testing.assert_close(got, want)
-    (grad_got,) = torch.autograd.grad(got.square().sum(), net.nets[0][0].weight)
-    (grad_want,) = torch.autograd.grad(want.square().sum(), net.nets[0][0].weight)
-    torch.testing.assert_close(grad_got, grad_want)
+    params = list(net.parameters())
+    for grad_got, grad_want in zip(torch.autograd.grad(got.square().sum(), params),
+                                   torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(grad_got, grad_want)
+
+
+def _layout_data(n_atoms: list[int], n_elements: int) -> trainer.TrainTensors:
+    counts = torch.tensor(n_atoms)
+    rows = int(counts.sum())
+    return trainer.TrainTensors(x=torch.arange(rows, dtype=torch.float64)[:, None],
+                                element=torch.randint(0, n_elements, (rows,),
+                                                      generator=torch.Generator().manual_seed(1)),
+                                counts=counts, first_atom=torch.cumsum(counts, 0) - counts,
+                                n_atoms=counts.double(), target=torch.zeros(len(n_atoms), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n_nets", [1, 3])
+def test_epoch_layout_puts_each_batch_s_atoms_together(n_nets: int) -> None:
+    data = _layout_data([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], n_elements=3)
+    image = torch.repeat_interleave(torch.arange(11), data.counts)
+    perm, size = torch.randperm(11, generator=torch.Generator().manual_seed(0)), 4
+    layout = trainer.epoch_layout(data, perm, size, n_nets)
+    assert sorted(layout.order.tolist()) == list(range(int(data.counts.sum())))  # every atom once
+    start = 0
+    for b, block in enumerate(layout.sizes):
+        rows = layout.order[start:start + sum(block)]
+        images = perm[b * size:(b + 1) * size]
+        assert sorted(rows.tolist()) == sorted(torch.cat([torch.nonzero(image == i)[:, 0] for i in images]).tolist())
+        assert torch.equal(images[layout.local_image[start:start + sum(block)]], image[rows])  # local index
+        if n_nets > 1:  # each network's block holds its element only
+            assert torch.equal(data.element[rows], torch.repeat_interleave(torch.arange(n_nets), torch.tensor(block)))
+        start += sum(block)
+
+
+def test_flat_parameters_are_the_module_s_parameters() -> None:
+    torch.manual_seed(0)
+    net = AtomicNetwork(5, 2, parse_config({"model": {"num_layers": 2, "num_nodes": 6}}).model)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flat = trainer.flat_parameters(net)
+    assert flat.numel() == sum(p.numel() for p in net.parameters())
+    torch.testing.assert_close(net.state_dict(), before)  # values kept
+    out = net(torch.randn(7, 5), [(0, 3), (1, 4)])
+    flat.grad.zero_()
+    out.square().sum().backward()
+    assert torch.equal(flat.grad, torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    assert flat.grad.abs().sum() > 0
+    with torch.no_grad():
+        flat.add_(1.0)  # what the optimizer does
+    torch.testing.assert_close(net.state_dict(), {k: v + 1 for k, v in before.items()})
+
+
+def test_bpnn_network_of_an_absent_element_is_not_stepped() -> None:
+    """Element 1 occurs in one image only; with batches of one image its network takes exactly
+    one optimizer step per epoch (Adam's first step moves each weight by lr), not a momentum step
+    on every batch without it."""
+    cfg = parse_config({"model": {"name": "bpnn", "num_layers": 1, "num_nodes": 4},
+                        "optim": {"batch_size": 1, "lr": 0.01}, "dataset": {"fp_scheme": "weighted"}})
+    spec = fingerprints.spec_from_config(cfg.dataset, ["H", "He"])
+    gen = torch.Generator().manual_seed(0)
+    n_atoms = torch.tensor([3, 2, 4, 3, 2])
+    element = torch.zeros(int(n_atoms.sum()), dtype=torch.long)
+    element[3] = 1  # one He atom, in image 1
+    fps = fingerprints.Fingerprints(torch.randn(int(n_atoms.sum()), spec.n_features, generator=gen), element,
+                                    n_atoms, torch.randn(5, generator=gen, dtype=torch.float64))
+    torch.manual_seed(0)
+    model = PotentialModel(cfg, spec, fit_scalers(fps, 2), "cpu")
+    before = [p.detach().clone() for p in model.net.nets[1].parameters()]
+    trainer.fit(model, fps, fps, epochs=1, keep_best=False)
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.net.nets[1].parameters(), before))
+    assert 0.5 * 0.01 < moved <= 0.01 * 1.001

@@ -461,13 +461,15 @@ class Worker:
         started = time.time()
         intermediate: dict[int, float] = {}
         unreported: set[int] = set()
-        last = {"train_mae": None, "val_mae": None}
+        last = {"train_mae_running": None, "val_mae": None}  # a pruned trial keeps these
         planned_epochs = (config.get("optim") or {}).get("epochs") if isinstance(config.get("optim"), dict) else None
         trial_id = asked.trial_id
 
         def on_epoch(epoch: int, val_mae: float, train_mae: float) -> None:
             intermediate[epoch] = float(val_mae)
-            last.update(train_mae=float(train_mae), val_mae=float(val_mae))
+            # the trainer's per-epoch train MAE is a running mean over the epoch's batches, not
+            # the exact MAE a finished trial reports, hence its own name on a pruned trial
+            last.update(train_mae_running=float(train_mae), val_mae=float(val_mae))
             if self.flags.abandon:
                 raise AbandonTrial(self.flags.reason)
             if self.deadline is not None:

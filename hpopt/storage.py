@@ -15,6 +15,8 @@ the grace period and enqueues a retry with the same parameters (`fail_and_requeu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import time
@@ -74,11 +76,17 @@ def engine_options(pool_size: int | None, retried: bool = False) -> dict[str, An
     connection costs one failed call and neither the ping on checkout nor the rollback on return
     is needed. Every transaction then must end in commit or rollback (`engine.begin()`, Optuna's
     sessions): a transaction left open would carry its stale read view to the next checkout.
-    Those two are 2 of the 8 round trips of a trial's claim + finish.
+    Each is a round trip per transaction.
+
+    `client_flag`: SQLAlchemy's default (FOUND_ROWS) plus MULTI_STATEMENTS for `claim_trial`'s
+    batches; every value still goes through the driver's escaping.
     """
+    from pymysql.constants import CLIENT
+
     size = 2 if pool_size is None else max(1, pool_size)
     return {"pool_size": size, "max_overflow": 2, "pool_pre_ping": not retried, "pool_recycle": 3600,
-            "pool_timeout": 30, **({"pool_reset_on_return": None} if retried else {})}
+            "pool_timeout": 30, **({"pool_reset_on_return": None} if retried else {}),
+            "connect_args": {"client_flag": CLIENT.FOUND_ROWS | CLIENT.MULTI_STATEMENTS}}
 
 
 def open_storage(run_dir: RunDir, *, pool_size: int | None = None, create_schema: bool = False,
@@ -154,11 +162,13 @@ def is_disconnect(exc: BaseException) -> bool:
     Optuna wraps SQLAlchemy errors raised inside its sessions in StorageInternalError, so the
     whole cause chain is inspected. A missing endpoint file counts too (the DB job is renewing).
     """
+    import pymysql.err
     import sqlalchemy.exc
 
     transient = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                  sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError, ConnectionError,
-                 FileNotFoundError)
+                 FileNotFoundError,
+                 pymysql.err.OperationalError, pymysql.err.InterfaceError)  # raw, unwrapped: claim_trial
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, transient):
@@ -220,55 +230,101 @@ def claim_trial(storage: BaseStorage, study_id: int, budget: int, params: dict[s
     so the budget is never overshot and trial numbers are "trials created before this one", as
     Optuna numbers them. `user_attrs` (who runs it, for `hpopt status`) and the first heartbeat
     are written with the trial.
+
+    Because claims are serialized, the time the lock is held bounds the fleet's trials/s, and
+    with many workers on few cores every round trip inside it waits for a CPU. So the statements
+    go as multi-statement batches (the connection's CLIENT.MULTI_STATEMENTS, see
+    `engine_options`): lock + count in one round trip, and a fresh trial's rows + COMMIT in a
+    second; only a queued retry (rare) takes a few more.
     """
     import json
 
-    import sqlalchemy as sa
     from optuna.distributions import distribution_to_json, json_to_distribution
-    from optuna.storages._rdb import models
 
     from hpopt.budget import may_start, tally_counts
 
     backend = _mysql_backend(storage)
     assert backend is not None, "claim_trial needs MariaDB/MySQL (see atomic_claims)"
-    trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
-    trial_params = models.TrialParamModel.__table__
-    with backend.engine.begin() as conn:
-        conn.execute(sa.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update())
-        counts = {state: n for state, n in conn.execute(
-            sa.select(trials.c.state, sa.func.count()).where(trials.c.study_id == study_id).group_by(trials.c.state))}
+    t = _table_names()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores naive UTC
+    raw = backend.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        counts = {TrialState[state]: n for state, n in _batch(
+            cursor, f"SELECT study_id FROM {t.studies} WHERE study_id = %s FOR UPDATE; "
+                    f"SELECT state, COUNT(*) FROM {t.trials} WHERE study_id = %s GROUP BY state", (study_id, study_id))}
         if not may_start(tally_counts(counts), budget):
+            raw.rollback()
             return Claim(None, counts)
-        now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores naive UTC
+        attr_rows = [(k, json.dumps(v)) for k, v in user_attrs.items()]
         if counts.get(TrialState.WAITING):
-            trial_id, number = conn.execute(
-                sa.select(trials.c.trial_id, trials.c.number).where(
-                    trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
-                .order_by(trials.c.trial_id).limit(1)).one()
-            conn.execute(sa.update(trials).where(trials.c.trial_id == trial_id)
-                         .values(state=TrialState.RUNNING, datetime_start=now))
-            params = {name: json_to_distribution(dist).to_external_repr(value) for name, value, dist in conn.execute(
-                sa.select(trial_params.c.param_name, trial_params.c.param_value, trial_params.c.distribution_json)
-                .where(trial_params.c.trial_id == trial_id))}
-            _upsert_user_attrs(conn, trial_id, user_attrs)
-            retry = True
-        else:
-            number = sum(counts.values())
-            trial_id = conn.execute(sa.insert(trials).values(study_id=study_id, number=number,
-                                                             state=TrialState.RUNNING, datetime_start=now)
-                                    ).inserted_primary_key[0]
-            if params:
-                conn.execute(sa.insert(trial_params), [
-                    {"trial_id": trial_id, "param_name": name,
-                     "param_value": distributions[name].to_internal_repr(value),
-                     "distribution_json": distribution_to_json(distributions[name])} for name, value in params.items()])
-            if user_attrs:
-                conn.execute(sa.insert(models.TrialUserAttributeModel.__table__), [
-                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in user_attrs.items()])
-            retry = False
-        conn.execute(sa.insert(models.TrialHeartbeatModel.__table__).values(trial_id=trial_id,
-                                                                            heartbeat=sa.func.now()))
-    return Claim(Claimed(trial_id, number, params, retry), counts)
+            trial_id, number = _batch(cursor, f"SELECT trial_id, number FROM {t.trials} WHERE study_id = %s AND "
+                                              "state = 'WAITING' ORDER BY trial_id LIMIT 1", (study_id,))[0]
+            params = {name: json_to_distribution(dist).to_external_repr(value) for name, value, dist in _batch(
+                cursor, f"UPDATE {t.trials} SET state = 'RUNNING', datetime_start = %s WHERE trial_id = %s; "
+                        f"SELECT param_name, param_value, distribution_json FROM {t.params} WHERE trial_id = %s",
+                (now, trial_id, trial_id))}
+            sql = f"SET @hpopt_trial = %s; INSERT INTO {t.heartbeats} (trial_id, heartbeat) VALUES (@hpopt_trial, NOW()); "
+            args: list[Any] = [trial_id]
+            if attr_rows:
+                sql += (f"INSERT INTO {t.user_attrs} (trial_id, `key`, value_json) VALUES "
+                        + ", ".join(["(@hpopt_trial, %s, %s)"] * len(attr_rows))
+                        + " ON DUPLICATE KEY UPDATE value_json = VALUES(value_json); ")
+                args += [x for row in attr_rows for x in row]
+            _batch(cursor, sql + "COMMIT", args)
+            return Claim(Claimed(trial_id, number, params, retry=True), counts)
+        number = sum(counts.values())
+        sql = (f"INSERT INTO {t.trials} (number, study_id, state, datetime_start) VALUES (%s, %s, 'RUNNING', %s); "
+               f"SET @hpopt_trial = LAST_INSERT_ID(); "
+               f"INSERT INTO {t.heartbeats} (trial_id, heartbeat) VALUES (@hpopt_trial, NOW()); ")
+        args = [number, study_id, now]
+        if params:
+            sql += (f"INSERT INTO {t.params} (trial_id, param_name, param_value, distribution_json) VALUES "
+                    + ", ".join(["(@hpopt_trial, %s, %s, %s)"] * len(params)) + "; ")
+            args += [x for name, value in params.items() for x in (
+                name, distributions[name].to_internal_repr(value), distribution_to_json(distributions[name]))]
+        if attr_rows:
+            sql += (f"INSERT INTO {t.user_attrs} (trial_id, `key`, value_json) VALUES "
+                    + ", ".join(["(@hpopt_trial, %s, %s)"] * len(attr_rows)) + "; ")
+            args += [x for row in attr_rows for x in row]
+        (trial_id,), = _batch(cursor, sql + "COMMIT; SELECT @hpopt_trial", args)
+        return Claim(Claimed(int(trial_id), number, params, retry=False), counts)
+    except BaseException:
+        with contextlib.suppress(Exception):  # a dead connection cannot roll back; the server does
+            raw.rollback()
+        raise
+    finally:
+        raw.close()
+
+
+@dataclass(frozen=True)
+class _Tables:
+    studies: str
+    trials: str
+    params: str
+    user_attrs: str
+    heartbeats: str
+
+
+@functools.cache
+def _table_names() -> _Tables:
+    """Optuna 5.0's table names, from its own models (the pinned version's schema)."""
+    from optuna.storages._rdb import models
+
+    return _Tables(models.StudyModel.__tablename__, models.TrialModel.__tablename__,
+                   models.TrialParamModel.__tablename__, models.TrialUserAttributeModel.__tablename__,
+                   models.TrialHeartbeatModel.__tablename__)
+
+
+def _batch(cursor: Any, sql: str, args: Any) -> list[tuple[Any, ...]]:
+    """Run `;`-separated statements in one round trip; the rows of the last one that has rows."""
+    cursor.execute(sql, args)
+    rows: list[tuple[Any, ...]] = []
+    while True:
+        if cursor.description:
+            rows = list(cursor.fetchall())
+        if not cursor.nextset():
+            return rows
 
 
 def atomic_claims(storage: BaseStorage) -> bool:

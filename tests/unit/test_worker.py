@@ -235,3 +235,22 @@ def test_a_live_trial_reaped_mid_training_keeps_its_result_without_spending_the_
             if t.system_attrs.get("retry_history", [None])[-1] == first.user_attrs["recovered_from"]] == [True]
     assert second.state == TrialState.FAIL and second.user_attrs["val_mae"] > 0
     assert second.user_attrs["gpu"] == "" and "duplicate_of_retry" in second.user_attrs
+
+
+def test_db_losses_are_recognised_wrapped_or_raw() -> None:
+    import pymysql.err
+    import sqlalchemy.exc
+
+    from hpopt.storage import is_disconnect
+
+    lost = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    wrapped = sqlalchemy.exc.OperationalError("SELECT 1", {}, lost)
+    try:
+        try:
+            raise lost
+        except pymysql.err.OperationalError as exc:
+            raise RuntimeError("storage call failed") from exc
+    except RuntimeError as chained:
+        assert is_disconnect(chained)
+    assert is_disconnect(lost) and is_disconnect(wrapped) and is_disconnect(FileNotFoundError("endpoint.json"))
+    assert not is_disconnect(ValueError("bad value")) and not is_disconnect(pymysql.err.ProgrammingError(1064, "syntax"))

@@ -25,7 +25,7 @@ from torch import nn
 from hpopt.errors import HpoptError
 from hpopt.train import fingerprints
 from hpopt.train.data import fit_references
-from hpopt.train.dense import FUSED_ACTIVATIONS, dense_stack
+from hpopt.train.dense import FUSED_ACTIVATIONS, Layer, dense_stack
 from hpopt.train.config import ModelConfig, TrainConfig, parse_config
 from hpopt.train.fingerprints import FingerprintSpec, Fingerprints
 
@@ -46,6 +46,7 @@ ACTIVATION_MODULES = {"tanh": Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn
 _FUSED = {Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}  # activations dense_stack applies itself
 _FUSED_MODULES = tuple(_FUSED)
 assert set(_FUSED.values()) == set(FUSED_ACTIVATIONS)
+DenseChain = tuple[tuple[str | None, ...], tuple[torch.Tensor, ...]]  # activations; weight, bias per layer
 
 
 class AtomicNetwork(nn.Module):
@@ -90,23 +91,50 @@ class AtomicNetwork(nn.Module):
             start += count
         return torch.cat(blocks)
 
+    def dense_chains(self) -> list[DenseChain] | None:
+        """Each network as one `dense_stack` chain (its activations and its parameters: weight, bias
+        per layer), or None when any network holds more than Linear layers and fused activations
+        (batchnorm, dropout, gelu...). The trainer's autograd-free step runs these directly."""
+        chains = []
+        for net in self.nets:
+            segments = _segments(net)
+            if len(segments) > 1:
+                return None
+            chains.append((tuple(activation for _, _, activation in segments[0]),
+                           tuple(t for weight, bias, _ in segments[0] for t in (weight, bias))))
+        return chains
+
     def _run(self, net: nn.Sequential, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        """net(x): each run of Linear layers (each with the activation right after it, when that
-        has a fused form) is one `dense_stack` node; other modules (batchnorm, dropout, other
-        activations) run as themselves between runs. The first layer takes singlenn's one-hot as
-        `classes`."""
-        layers, hidden, run = list(net), x, []
-        for k, layer in enumerate(layers):
-            if isinstance(layer, nn.Linear):
-                following = layers[k + 1] if k + 1 < len(layers) else None
-                run.append((layer.weight, layer.bias, _FUSED.get(type(following))))
-                continue
-            if run and run[-1][2] and isinstance(layer, _FUSED_MODULES):
-                continue  # applied inside the run
-            if run:
-                hidden, run, classes = dense_stack(hidden, run, classes), [], None
-            hidden = layer(hidden)
-        return dense_stack(hidden, run, classes).squeeze(-1)
+        """net(x), with each run of fused layers as one `dense_stack` node (see `_segments`); the
+        first layer takes singlenn's one-hot as `classes`."""
+        hidden = x
+        for segment in _segments(net):
+            if isinstance(segment, list):
+                hidden, classes = dense_stack(hidden, segment, classes), None
+            else:
+                hidden = segment(hidden)
+        return hidden.squeeze(-1)
+
+
+def _segments(net: nn.Sequential) -> list[list[Layer] | nn.Module]:
+    """net's modules in order, each run of Linear layers (each with the activation right after it,
+    when that has a fused form) gathered into one list of `Layer`s; other modules (batchnorm,
+    dropout, other activations) stand as themselves between runs. Ends with a run (the output
+    layer)."""
+    modules, segments, run = list(net), [], []
+    for k, module in enumerate(modules):
+        if isinstance(module, nn.Linear):
+            following = modules[k + 1] if k + 1 < len(modules) else None
+            run.append((module.weight, module.bias, _FUSED.get(type(following))))
+            continue
+        if run and run[-1][2] and isinstance(module, _FUSED_MODULES):
+            continue  # applied inside the run
+        if run:
+            segments.append(run)
+            run = []
+        segments.append(module)
+    segments.append(run)
+    return segments
 
 
 @dataclass

@@ -21,7 +21,8 @@ import torch
 
 from hpopt.train.config import OptimConfig
 from hpopt.train.fingerprints import Fingerprints
-from hpopt.train.model import AtomicNetwork, PotentialModel, counts
+from hpopt.train.dense import dense_backward, dense_forward, dense_value
+from hpopt.train.model import AtomicNetwork, DenseChain, PotentialModel, counts
 
 EpochCallback = Callable[[int, float, float], None]
 
@@ -94,6 +95,35 @@ def batch_loss(net: AtomicNetwork, x: torch.Tensor, classes: torch.Tensor | None
     return loss_fn(per_atom, target), per_atom.detach() - target
 
 
+@torch.no_grad()
+def batch_gradient(chains: list[DenseChain], grads: list[list[torch.Tensor]], x: torch.Tensor,
+                   classes: torch.Tensor | None, groups: list[tuple[int, int]], local_image: torch.Tensor,
+                   n_atoms: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """`batch_loss` and its backward pass without autograd, for networks that are plain dense
+    chains (`AtomicNetwork.dense_chains`): `dense_forward` per network block, the loss gradient by
+    hand, `dense_backward` straight into `grads` (per network, shaped like its chain's parameters;
+    a network without rows is not written). Same gradients as autograd to float rounding, without
+    its graph and per-node bookkeeping (~0.5 ms a batch). Returns the per-image errors."""
+    blocks, start = [], 0
+    for net, count in groups:
+        if count:
+            part = None if classes is None else classes[start:start + count]
+            blocks.append((net, x[start:start + count], part, dense_forward(x[start:start + count], part, *chains[net])))
+        start += count
+    values = [dense_value(stored, chains[net][0])[0] for net, _, _, stored in blocks]
+    per_atom = torch.zeros_like(target).index_add_(0, local_image, values[0] if len(values) == 1 else torch.cat(values))
+    err = per_atom.div_(n_atoms).sub_(target)
+    # d loss / d per_atom as torch's mse_loss / l1_loss backward computes it, then through the division and the sums
+    d_per_atom = err * (2 / err.numel()) if loss == "mse" else err.sgn().div_(err.numel())
+    d_rows = d_per_atom.div_(n_atoms).index_select(0, local_image)[None, :]
+    start = 0
+    for net, x_block, part, stored in blocks:
+        count = x_block.shape[0]
+        dense_backward(d_rows[:, start:start + count], x_block, part, *chains[net], stored, into=grads[net])
+        start += count
+    return err
+
+
 def flat_parameters(net: torch.nn.Module) -> torch.Tensor:
     """Turn every parameter of `net`, and its gradient, into a view of one buffer; returns that
     buffer with `.grad` set. The optimizer then updates a few flat tensors (one fused kernel, not
@@ -145,6 +175,8 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
     scheduler = _scheduler(opt, optim)
     generator = torch.Generator().manual_seed(model.config.cmd.seed)
     n_nets = len(model.net.nets)
+    chains = model.net.dense_chains()  # None: batchnorm, dropout or another activation, autograd steps
+    chain_grads = [[param.grad for param in params] for _, params in chains or []]
     n_images, size = data.n_atoms.numel(), optim.batch_size
     # the best epoch's parameters and buffers (batchnorm statistics), copied in place on improvement
     live = [flat, *model.net.buffers()]
@@ -162,10 +194,14 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
                       n_atoms.split(size), data.target.index_select(0, perm).split(size))
         errors = []
         for block, x, local, part, batch_n_atoms, target in batches:
-            loss, err = batch_loss(model.net, x, part, list(enumerate(block)), local, batch_n_atoms, target,
-                                   optim.loss)
-            flat.grad.zero_()
-            loss.backward()
+            if chains is None:
+                loss, err = batch_loss(model.net, x, part, list(enumerate(block)), local, batch_n_atoms, target,
+                                       optim.loss)
+                flat.grad.zero_()
+                loss.backward()
+            else:
+                err = batch_gradient(chains, chain_grads, x, part, list(enumerate(block)), local, batch_n_atoms,
+                                     target, optim.loss)
             for param, grad, rows in zip(net_params, net_grads, block):
                 param.grad = grad if rows else None
             opt.step()

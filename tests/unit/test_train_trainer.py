@@ -13,7 +13,7 @@ from hpopt.train.api import Pruned, load_model, retrain_and_test, run_trial
 from hpopt.train.config import parse_config
 from hpopt.train.data import energies, read_images
 from hpopt.train.demo import make_demo
-from hpopt.train import fingerprints, trainer
+from hpopt.train import dense, fingerprints, trainer
 from hpopt.train.model import AtomicNetwork, PotentialModel, fit_scalers
 from hpopt.train.split import load_manifest, make_split
 
@@ -189,3 +189,77 @@ def test_bpnn_network_of_an_absent_element_is_not_stepped() -> None:
     trainer.fit(model, fps, fps, epochs=1, keep_best=False)
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.net.nets[1].parameters(), before))
     assert 0.5 * 0.01 < moved <= 0.01 * 1.001
+
+
+def _random_batch(n_classes: int, n_x: int = 6) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(3)
+    n_atoms = torch.tensor([5, 3, 7, 1, 4])
+    rows = int(n_atoms.sum())
+    local_image = torch.repeat_interleave(torch.arange(5), n_atoms)[torch.randperm(rows, generator=gen)]
+    return (torch.randn(rows, n_x, dtype=torch.float64, generator=gen),
+            torch.randint(0, n_classes, (rows,), generator=gen) if n_classes else None,
+            local_image, n_atoms.double(), torch.randn(5, dtype=torch.float64, generator=gen))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+@pytest.mark.parametrize("name", ["singlenn", "bpnn"])
+def test_autograd_free_step_gives_autograd_s_gradients(activation: str, loss: str, name: str) -> None:
+    """batch_gradient (hand-written loss gradient, dense_backward into the parameters' grads)
+    against batch_loss + autograd, widths padded (5, 13) and not (8); bpnn with an empty network."""
+    torch.manual_seed(0)
+    model = parse_config({"model": {"name": name, "hidden_layers": [5, 8, 13], "activation": activation}}).model
+    n_nets, n_classes = (3, 0) if name == "bpnn" else (1, 4)
+    net = AtomicNetwork(6 + n_classes, n_nets, model, n_classes).double()
+    x, classes, local_image, n_atoms, target = _random_batch(n_classes)
+    groups = [(0, 12), (1, 0), (2, 8)] if n_nets > 1 else [(0, 20)]
+    flat = trainer.flat_parameters(net)
+    flat.grad.zero_()
+    want_loss, want_err = trainer.batch_loss(net, x, classes, groups, local_image, n_atoms, target, loss)
+    want_loss.backward()
+    want = flat.grad.clone()
+    flat.grad.fill_(float("nan"))  # everything the step reports must be written by it
+    chains = net.dense_chains()
+    grads = [[param.grad for param in params] for _, params in chains]
+    err = trainer.batch_gradient(chains, grads, x, classes, groups, local_image, n_atoms, target, loss)
+    torch.testing.assert_close(err, want_err)
+    got = flat.grad.split([sum(p.numel() for p in n.parameters()) for n in net.nets])
+    for index, (got_net, want_net) in enumerate(zip(got, want.split([g.numel() for g in got]))):
+        if index == 1 and n_nets > 1:
+            assert got_net.isnan().all()  # no rows: left alone (the optimizer skips it)
+        else:
+            torch.testing.assert_close(got_net, want_net)
+            assert want_net.abs().sum() > 0
+
+
+def test_dense_chains_only_for_plain_stacks() -> None:
+    def chains(**model: object) -> object:
+        return AtomicNetwork(4, 1, parse_config({"model": model}).model).dense_chains()
+
+    assert chains(activation="tanh") is not None and chains(activation="relu", dropout=True) is not None  # rate 0
+    assert chains(batchnorm=True) is None and chains(activation="gelu") is None
+    assert chains(dropout=True, dropout_rate=0.1) is None
+
+
+@pytest.mark.parametrize("width", [5, 8])
+def test_dense_stack_gradcheck(width: int) -> None:
+    torch.manual_seed(0)
+    layers = [(torch.randn(width, 3 + 2, dtype=torch.float64, requires_grad=True),
+               torch.randn(width, dtype=torch.float64, requires_grad=True), "tanh"),
+              (torch.randn(1, width, dtype=torch.float64, requires_grad=True),
+               torch.randn(1, dtype=torch.float64, requires_grad=True), None)]
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    classes = torch.randint(0, 2, (9,))
+    assert torch.autograd.gradcheck(
+        lambda x, *p: dense.dense_stack(x, [(p[0], p[1], "tanh"), (p[2], p[3], None)], classes),
+        (x, *(t for w, b, _ in layers for t in (w, b))))
+
+
+def test_autograd_free_training_matches_autograd_training(manifest: Path, cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(model={"num_layers": 2, "num_nodes": 10}, optim={"epochs": 5, "loss": "mae"})
+    fast = run_trial(config, manifest, cache_dir=cache)
+    monkeypatch.setattr(AtomicNetwork, "dense_chains", lambda self: None)
+    slow = run_trial(config, manifest, cache_dir=cache)
+    assert fast.val_mae == pytest.approx(slow.val_mae, rel=1e-4) and fast.val_mae != slow.baseline_val_mae
+    assert fast.train_mae == pytest.approx(slow.train_mae, rel=1e-4)

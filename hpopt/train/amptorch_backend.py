@@ -2,19 +2,26 @@
 
 amptorch (GPL-3.0, github.com/ulissigroup/amptorch) is imported, never vendored, and only when
 this backend is chosen. Upstream HEAD 02e5af3 on torch 2.x / skorch 1.x / numpy 2 needs runtime
-fixes, all applied here and scoped to one trial:
+fixes, all applied here (idempotent class patches; process state restored after each trial):
 
-* skorch renamed `CVSplit` to `ValidSplit`: alias it before amptorch imports it;
+* skorch renamed `CVSplit` to `ValidSplit`: aliased before every `import amptorch`, the one in
+  `available()` included (without it the import fails on skorch >= 0.12);
 * skorch calls `on_batch_end(net, batch=(Xi, yi), ...)`: amptorch's MemEffEpochScoring wants `y`;
-* torch >= 2.6 loads with `weights_only=True`, but amptorch's config.pt / normalizers.pt hold
-  pickled classes: its own `torch.load` calls get `weights_only=False` (files it just wrote);
+* numpy >= 1.24 refuses to `np.concatenate` amptorch's ragged `[[energy, None]]` targets (skorch's
+  EpochScoring does): its target extractor is wrapped to return an object table instead;
 * process-wide side effects are undone after every trial: the default dtype (amptorch sets
-  float64), the working directory (it `chdir`s into run_dir, which must be absolute), its
-  checkpoints and ./processed fingerprints (a temp dir, deleted), its prints and tqdm bars
-  (silenced), and its mutation of the config dict (it gets a deep copy).
+  float64), the working directory (it `chdir`s into run_dir, which must be absolute), skorch's
+  `net.to_tensor` (it swaps in its own), cudnn's deterministic/benchmark flags and the global
+  random/numpy/torch RNG states (it seeds them), its checkpoints and ./processed fingerprints
+  (a temp dir, deleted), its prints and tqdm bars (silenced), and its mutation of the config
+  dict (it gets a fresh dict).
+
+On this path torch >= 2.6's `weights_only=True` needs no fix: only skorch loads (a state dict);
+amptorch's pickled config.pt / normalizers.pt are read by `load_pretrained`, which is not used.
 
 The trial is scored by explicit predictions on the validation images after every epoch, never
-from amptorch's `history` (its "best" checkpoint is picked on an epoch-averaged training MAE).
+from amptorch's `history`. The returned predictions are of the checkpoint amptorch reloads at the
+end of training, the epoch with the best epoch-averaged training MAE (not validation).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import tempfile
 from typing import Any, Callable, Iterator
 
@@ -38,7 +46,9 @@ OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
 
 def available() -> bool:
+    """Whether amptorch imports; its `from skorch.dataset import CVSplit` needs the alias first."""
     try:
+        _alias_cv_split()
         import amptorch  # noqa: F401
     except ImportError:
         return False
@@ -75,13 +85,32 @@ def amptorch_config(cfg: TrainConfig, images: list[Atoms], run_dir: str, device:
     }
 
 
-def _patch_upstream() -> None:
-    """Idempotent compatibility fixes that must be in place before amptorch is imported."""
+def _alias_cv_split() -> None:
+    """skorch >= 0.12 renamed CVSplit to ValidSplit; amptorch imports the old name at import time."""
     import skorch.dataset
 
     if not hasattr(skorch.dataset, "CVSplit"):
         skorch.dataset.CVSplit = skorch.dataset.ValidSplit
+
+
+def _patch_upstream() -> None:
+    """Idempotent compatibility fixes to amptorch's classes, applied once it has imported."""
+    import amptorch.metrics
     from amptorch.metrics import MemEffEpochScoring
+
+    if not getattr(amptorch.metrics.target_extractor, "_hpopt", False):
+        ragged = amptorch.metrics.target_extractor
+
+        def target_extractor(y: Any) -> np.ndarray:
+            """Rows of [energy, forces-or-None] as an object table: skorch `np.concatenate`s them."""
+            rows = ragged(y)
+            table = np.empty((len(rows), 2), dtype=object)
+            for index, (energy, forces) in enumerate(rows):
+                table[index, 0], table[index, 1] = energy, forces
+            return table
+
+        target_extractor._hpopt = True  # type: ignore[attr-defined]
+        amptorch.metrics.target_extractor = target_extractor  # evaluator() reads this global
 
     if not getattr(MemEffEpochScoring.on_batch_end, "_hpopt", False):
         original = MemEffEpochScoring.on_batch_end
@@ -98,22 +127,23 @@ def _patch_upstream() -> None:
 
 @contextlib.contextmanager
 def _contained() -> Iterator[str]:
-    """An absolute temp run_dir; cwd, default dtype, torch.load and stdout restored afterwards."""
-    cwd, dtype, load = os.getcwd(), torch.get_default_dtype(), torch.load
+    """An absolute temp run_dir; the process state amptorch changes is restored afterwards."""
+    import skorch.net
 
-    def trusted_load(*args: Any, **kwargs: Any) -> Any:  # amptorch's own files, just written
-        kwargs.setdefault("weights_only", False)
-        return load(*args, **kwargs)
-
-    with tempfile.TemporaryDirectory(prefix="hpopt-amptorch-") as run_dir:
-        torch.load = trusted_load
+    cwd, dtype, to_tensor = os.getcwd(), torch.get_default_dtype(), skorch.net.to_tensor
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    rng = random.getstate(), np.random.get_state()
+    with tempfile.TemporaryDirectory(prefix="hpopt-amptorch-") as run_dir, torch.random.fork_rng():
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 yield run_dir
         finally:
-            torch.load = load
             torch.set_default_dtype(dtype)
             os.chdir(cwd)
+            skorch.net.to_tensor = to_tensor
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
 
 
 def _energies(trainer: Any, images: list[Atoms]) -> np.ndarray:

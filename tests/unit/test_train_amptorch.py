@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ase.build import bulk
@@ -44,9 +45,10 @@ def test_missing_amptorch_is_one_clear_error(manifest: Path) -> None:
 
 @needs_amptorch
 def test_amptorch_trial_reports_every_epoch_and_restores_process_state(manifest: Path) -> None:
-    cwd, dtype = Path.cwd(), torch.get_default_dtype()
+    cwd, dtype, numpy_rng = Path.cwd(), torch.get_default_dtype(), np.random.get_state()[1].copy()
     seen: list[int] = []
     result = run_trial({"trainer": "amptorch", "optim": {"epochs": 3}, "dataset": {"fp_scheme": "gaussian"}},
                        manifest, on_epoch=lambda e, v, t: seen.append(e))
     assert seen == [1, 2, 3] and result.val_mae > 0
     assert Path.cwd() == cwd and torch.get_default_dtype() == dtype
+    assert np.array_equal(np.random.get_state()[1], numpy_rng)  # amptorch reseeds it

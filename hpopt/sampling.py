@@ -27,24 +27,35 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 
-class _BoundedView:
-    """A study whose trial lists are trimmed; everything else is the real study."""
+class _StudyView:
+    """A study whose trial lists (`_get_trials`) are the subclass's; everything else is the real study."""
 
-    def __init__(self, study: Any, recent: int, elite: int) -> None:
+    def __init__(self, study: Any) -> None:
         self._study = study
-        self._recent = recent
-        self._elite = elite
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        return bound_trials(trials, self._recent, self._elite, self._study.directions[0])
+        raise NotImplementedError
 
     def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy=deepcopy, states=states, use_cache=False)
+
+
+class _BoundedView(_StudyView):
+    """A study whose trial lists are trimmed."""
+
+    def __init__(self, study: Any, recent: int, elite: int) -> None:
+        super().__init__(study)
+        self._recent = recent
+        self._elite = elite
+
+    def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        return bound_trials(trials, self._recent, self._elite, self._study.directions[0])
 
 
 def bound_trials(trials: list[FrozenTrial], recent: int, elite: int,
@@ -63,24 +74,18 @@ def bound_trials(trials: list[FrozenTrial], recent: int, elite: int,
     return sorted(kept.values(), key=lambda t: t.number) + running
 
 
-class _SnapshotView:
+class _SnapshotView(_StudyView):
     """A study whose trials are a window already read by the worker (no DB access), and whose
     storage ignores the sampler's per-trial writes (the trial does not exist yet)."""
 
     def __init__(self, study: Any, window: list[FrozenTrial]) -> None:
-        self._study = study
+        super().__init__(study)
         self._window = window
         self._storage = _NoTrialWrites(study._storage)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None,
                     use_cache: bool = False) -> list[FrozenTrial]:
         return self._window if states is None else [t for t in self._window if t.state in states]
-
-    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy=deepcopy, states=states)
 
 
 class _NoTrialWrites:

@@ -16,7 +16,6 @@ the grace period and enqueues a retry with the same parameters (`fail_and_requeu
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models  # Optuna 5.0's tables (pinned): the worker writes them directly
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -245,49 +245,46 @@ def claim_trial(storage: BaseStorage, study_id: int, budget: int, params: dict[s
 
     backend = _mysql_backend(storage)
     assert backend is not None, "claim_trial needs MariaDB/MySQL (see atomic_claims)"
-    t = _table_names()
     now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores naive UTC
+    trials, trial_params = models.TrialModel.__tablename__, models.TrialParamModel.__tablename__
     raw = backend.engine.raw_connection()
     try:
         cursor = raw.cursor()
         counts = {TrialState[state]: n for state, n in _batch(
-            cursor, f"SELECT study_id FROM {t.studies} WHERE study_id = %s FOR UPDATE; "
-                    f"SELECT state, COUNT(*) FROM {t.trials} WHERE study_id = %s GROUP BY state", (study_id, study_id))}
+            cursor, f"SELECT study_id FROM {models.StudyModel.__tablename__} WHERE study_id = %s FOR UPDATE; "
+                    f"SELECT state, COUNT(*) FROM {trials} WHERE study_id = %s GROUP BY state", (study_id, study_id))}
         if not may_start(tally_counts(counts), budget):
             raw.rollback()
             return Claim(None, counts)
-        attr_rows = [(k, json.dumps(v)) for k, v in user_attrs.items()]
+        # the claimed trial's first heartbeat and user attrs (upserted: a retry carries its failed
+        # trial's), then COMMIT; the trial's id is in @hpopt_trial
+        tail = f"INSERT INTO {models.TrialHeartbeatModel.__tablename__} (trial_id, heartbeat) VALUES (@hpopt_trial, NOW()); "
+        tail_args: list[Any] = []
+        if user_attrs:
+            tail += (f"INSERT INTO {models.TrialUserAttributeModel.__tablename__} (trial_id, `key`, value_json) VALUES "
+                     + ", ".join(["(@hpopt_trial, %s, %s)"] * len(user_attrs))
+                     + " ON DUPLICATE KEY UPDATE value_json = VALUES(value_json); ")
+            tail_args = [x for k, v in user_attrs.items() for x in (k, json.dumps(v))]
+        tail += "COMMIT"
         if counts.get(TrialState.WAITING):
-            trial_id, number = _batch(cursor, f"SELECT trial_id, number FROM {t.trials} WHERE study_id = %s AND "
+            trial_id, number = _batch(cursor, f"SELECT trial_id, number FROM {trials} WHERE study_id = %s AND "
                                               "state = 'WAITING' ORDER BY trial_id LIMIT 1", (study_id,))[0]
             params = {name: json_to_distribution(dist).to_external_repr(value) for name, value, dist in _batch(
-                cursor, f"UPDATE {t.trials} SET state = 'RUNNING', datetime_start = %s WHERE trial_id = %s; "
-                        f"SELECT param_name, param_value, distribution_json FROM {t.params} WHERE trial_id = %s",
+                cursor, f"UPDATE {trials} SET state = 'RUNNING', datetime_start = %s WHERE trial_id = %s; "
+                        f"SELECT param_name, param_value, distribution_json FROM {trial_params} WHERE trial_id = %s",
                 (now, trial_id, trial_id))}
-            sql = f"SET @hpopt_trial = %s; INSERT INTO {t.heartbeats} (trial_id, heartbeat) VALUES (@hpopt_trial, NOW()); "
-            args: list[Any] = [trial_id]
-            if attr_rows:
-                sql += (f"INSERT INTO {t.user_attrs} (trial_id, `key`, value_json) VALUES "
-                        + ", ".join(["(@hpopt_trial, %s, %s)"] * len(attr_rows))
-                        + " ON DUPLICATE KEY UPDATE value_json = VALUES(value_json); ")
-                args += [x for row in attr_rows for x in row]
-            _batch(cursor, sql + "COMMIT", args)
+            _batch(cursor, "SET @hpopt_trial = %s; " + tail, [trial_id, *tail_args])
             return Claim(Claimed(trial_id, number, params, retry=True), counts)
         number = sum(counts.values())
-        sql = (f"INSERT INTO {t.trials} (number, study_id, state, datetime_start) VALUES (%s, %s, 'RUNNING', %s); "
-               f"SET @hpopt_trial = LAST_INSERT_ID(); "
-               f"INSERT INTO {t.heartbeats} (trial_id, heartbeat) VALUES (@hpopt_trial, NOW()); ")
-        args = [number, study_id, now]
+        sql = (f"INSERT INTO {trials} (number, study_id, state, datetime_start) VALUES (%s, %s, 'RUNNING', %s); "
+               "SET @hpopt_trial = LAST_INSERT_ID(); ")
+        args: list[Any] = [number, study_id, now]
         if params:
-            sql += (f"INSERT INTO {t.params} (trial_id, param_name, param_value, distribution_json) VALUES "
+            sql += (f"INSERT INTO {trial_params} (trial_id, param_name, param_value, distribution_json) VALUES "
                     + ", ".join(["(@hpopt_trial, %s, %s, %s)"] * len(params)) + "; ")
             args += [x for name, value in params.items() for x in (
                 name, distributions[name].to_internal_repr(value), distribution_to_json(distributions[name]))]
-        if attr_rows:
-            sql += (f"INSERT INTO {t.user_attrs} (trial_id, `key`, value_json) VALUES "
-                    + ", ".join(["(@hpopt_trial, %s, %s)"] * len(attr_rows)) + "; ")
-            args += [x for row in attr_rows for x in row]
-        (trial_id,), = _batch(cursor, sql + "COMMIT; SELECT @hpopt_trial", args)
+        (trial_id,), = _batch(cursor, sql + tail + "; SELECT @hpopt_trial", args + tail_args)
         return Claim(Claimed(int(trial_id), number, params, retry=False), counts)
     except BaseException:
         with contextlib.suppress(Exception):  # a dead connection cannot roll back; the server does
@@ -295,25 +292,6 @@ def claim_trial(storage: BaseStorage, study_id: int, budget: int, params: dict[s
         raise
     finally:
         raw.close()
-
-
-@dataclass(frozen=True)
-class _Tables:
-    studies: str
-    trials: str
-    params: str
-    user_attrs: str
-    heartbeats: str
-
-
-@functools.cache
-def _table_names() -> _Tables:
-    """Optuna 5.0's table names, from its own models (the pinned version's schema)."""
-    from optuna.storages._rdb import models
-
-    return _Tables(models.StudyModel.__tablename__, models.TrialModel.__tablename__,
-                   models.TrialParamModel.__tablename__, models.TrialUserAttributeModel.__tablename__,
-                   models.TrialHeartbeatModel.__tablename__)
 
 
 def _batch(cursor: Any, sql: str, args: Any) -> list[tuple[Any, ...]]:
@@ -346,7 +324,6 @@ def finish_trial(storage: BaseStorage, trial_id: int, state: TrialState, value: 
             return False
         return True
     import sqlalchemy as sa
-    from optuna.storages._rdb import models
 
     trials = models.TrialModel.__table__
     with backend.engine.begin() as conn:
@@ -370,7 +347,6 @@ def _upsert_user_attrs(conn: Any, trial_id: int, attrs: dict[str, Any]) -> None:
         return
     import json
 
-    from optuna.storages._rdb import models
     from sqlalchemy.dialects.mysql import insert
 
     stmt = insert(models.TrialUserAttributeModel.__table__)  # rows as parameters: compiled once, cached
@@ -397,7 +373,6 @@ def fail_and_requeue(study: optuna.Study, trial_id: int, attrs: dict[str, Any], 
     import json
 
     import sqlalchemy as sa
-    from optuna.storages._rdb import models
 
     trials, studies = models.TrialModel.__table__, models.StudyModel.__table__
     params, user, system = (models.TrialParamModel.__table__, models.TrialUserAttributeModel.__table__,
@@ -450,7 +425,6 @@ def count_states(storage: BaseStorage, study_id: int) -> dict[TrialState, int] |
     if backend is None:
         return None
     import sqlalchemy as sa
-    from optuna.storages._rdb import models
 
     trials = models.TrialModel.__table__
     with backend.engine.begin() as conn:  # begin: committed, so no read view outlives the query

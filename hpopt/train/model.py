@@ -25,7 +25,7 @@ from torch import nn
 from hpopt.errors import HpoptError
 from hpopt.train import fingerprints
 from hpopt.train.data import fit_references
-from hpopt.train.dense import FUSED_ACTIVATIONS, Layer, dense_stack
+from hpopt.train.dense import FUSED_ACTIVATIONS, Layer, block_columns, dense_stack
 from hpopt.train.config import ModelConfig, TrainConfig, parse_config
 from hpopt.train.fingerprints import FingerprintSpec, Fingerprints
 
@@ -46,35 +46,57 @@ ACTIVATION_MODULES = {"tanh": Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn
 _FUSED = {Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu"}  # activations dense_stack applies itself
 _FUSED_MODULES = tuple(_FUSED)
 assert set(_FUSED.values()) == set(FUSED_ACTIVATIONS)
-DenseChain = tuple[tuple[str | None, ...], tuple[torch.Tensor, ...]]  # activations; weight, bias per layer
+DenseChain = list[Layer]  # a network's layers as `dense_stack` runs them
+
+
+class DenseLinear(nn.Module):
+    """A Linear layer whose weight and bias are views of one parameter block (out, cols): weight
+    in [:, :n_in], bias in column n_in, zero padding after (`dense.block_columns`). The block is
+    what `dense_stack` multiplies and what the optimizer steps."""
+
+    def __init__(self, n_in: int, n_out: int, cols: int) -> None:
+        super().__init__()
+        self.n_in = n_in
+        self.block = nn.Parameter(torch.zeros(n_out, cols))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.block[:, :self.n_in]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.block[:, self.n_in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class AtomicNetwork(nn.Module):
     """One MLP per element group; `forward` maps contiguous element blocks to atomic outputs."""
 
-    def __init__(self, n_in: int, n_nets: int, model: ModelConfig, n_classes: int = 0) -> None:
-        """n_classes: the last inputs are a one-hot of that many classes, passed as indices."""
+    def __init__(self, n_in: int, n_nets: int, model: ModelConfig, n_classes: int = 0, cpu: bool = True) -> None:
+        """n_classes: the last inputs are a one-hot of that many classes, passed as indices. cpu:
+        lay the blocks out for the CPU (`dense.block_columns`); any layout runs on any device."""
         super().__init__()
-        self.nets = nn.ModuleList(self._mlp(n_in, model) for _ in range(n_nets))
+        self.nets = nn.ModuleList(self._mlp(n_in, model, cpu) for _ in range(n_nets))
         self.n_classes = n_classes
 
     @staticmethod
-    def _mlp(n_in: int, model: ModelConfig) -> nn.Sequential:
+    def _mlp(n_in: int, model: ModelConfig, cpu: bool) -> nn.Sequential:
         layers: list[nn.Module] = []
-        for width in model.widths:
-            layers.append(nn.Linear(n_in, width))
+        for index, width in enumerate(model.widths):
+            layers.append(DenseLinear(n_in, width, n_in + 1 if index == 0 else block_columns(n_in, cpu)))
             if model.batchnorm:
                 layers.append(nn.BatchNorm1d(width))
             layers.append(ACTIVATION_MODULES[model.activation]())
             if model.dropout and model.dropout_rate > 0:
                 layers.append(nn.Dropout(model.dropout_rate))
             n_in = width
-        layers.append(nn.Linear(n_in, 1))
+        layers.append(DenseLinear(n_in, 1, block_columns(n_in, cpu) if model.widths else n_in + 1))
         init = nn.init.xavier_uniform_ if model.initialization == "xavier" else nn.init.kaiming_uniform_
         for layer in layers:
-            if isinstance(layer, nn.Linear):
-                init(layer.weight)
-                nn.init.zeros_(layer.bias)
+            if isinstance(layer, DenseLinear):
+                init(layer.weight)  # the bias and the padding stay zero
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, groups: list[tuple[int, int]], classes: torch.Tensor | None = None
@@ -92,16 +114,15 @@ class AtomicNetwork(nn.Module):
         return torch.cat(blocks)
 
     def dense_chains(self) -> list[DenseChain] | None:
-        """Each network as one `dense_stack` chain (its activations and its parameters: weight, bias
-        per layer), or None when any network holds more than Linear layers and fused activations
-        (batchnorm, dropout, gelu...). The trainer's autograd-free step runs these directly."""
+        """Each network as one `dense_stack` chain, or None when any network holds more than
+        Linear layers and fused activations (batchnorm, dropout, gelu...). The trainer's
+        autograd-free step runs these directly."""
         chains = []
         for net in self.nets:
             segments = _segments(net)
             if len(segments) > 1:
                 return None
-            chains.append((tuple(activation for _, _, activation in segments[0]),
-                           tuple(t for weight, bias, _ in segments[0] for t in (weight, bias))))
+            chains.append(segments[0])
         return chains
 
     def _run(self, net: nn.Sequential, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
@@ -123,9 +144,9 @@ def _segments(net: nn.Sequential) -> list[list[Layer] | nn.Module]:
     layer)."""
     modules, segments, run = list(net), [], []
     for k, module in enumerate(modules):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, DenseLinear):
             following = modules[k + 1] if k + 1 < len(modules) else None
-            run.append((module.weight, module.bias, _FUSED.get(type(following))))
+            run.append((module.block, module.n_in, _FUSED.get(type(following))))
             continue
         if run and run[-1][2] and isinstance(module, _FUSED_MODULES):
             continue  # applied inside the run
@@ -204,7 +225,7 @@ class PotentialModel:
         n_el = len(spec.elements)
         n_classes = 0 if self.per_element else n_el  # singlenn: the element one-hot
         self.net = AtomicNetwork(spec.n_features + n_classes, n_el if self.per_element else 1, config.model,
-                                 n_classes).to(self.device, self.dtype)
+                                 n_classes, cpu=self.device.type == "cpu").to(self.device, self.dtype)
 
     def inputs(self, fps: Fingerprints) -> torch.Tensor:
         """Scaled fingerprints per atom (singlenn's element one-hot goes in as `fps.element`)."""

@@ -21,7 +21,7 @@ import torch
 
 from hpopt.train.config import OptimConfig
 from hpopt.train.fingerprints import Fingerprints
-from hpopt.train.dense import dense_backward, dense_forward, dense_value
+from hpopt.train.dense import dense_backward, dense_forward
 from hpopt.train.model import AtomicNetwork, DenseChain, PotentialModel, counts
 
 EpochCallback = Callable[[int, float, float], None]
@@ -108,9 +108,9 @@ def batch_gradient(chains: list[DenseChain], grads: list[list[torch.Tensor]], x:
     for net, count in groups:
         if count:
             part = None if classes is None else classes[start:start + count]
-            blocks.append((net, x[start:start + count], part, dense_forward(x[start:start + count], part, *chains[net])))
+            blocks.append((net, x[start:start + count], part, dense_forward(x[start:start + count], part, chains[net])))
         start += count
-    values = [dense_value(stored, chains[net][0])[0] for net, _, _, stored in blocks]
+    values = [stored[-1][0] for _, _, _, stored in blocks]
     per_atom = torch.zeros_like(target).index_add_(0, local_image, values[0] if len(values) == 1 else torch.cat(values))
     err = per_atom.div_(n_atoms).sub_(target)
     # d loss / d per_atom as torch's mse_loss / l1_loss backward computes it, then through the division and the sums
@@ -119,7 +119,7 @@ def batch_gradient(chains: list[DenseChain], grads: list[list[torch.Tensor]], x:
     start = 0
     for net, x_block, part, stored in blocks:
         count = x_block.shape[0]
-        dense_backward(d_rows[:, start:start + count], x_block, part, *chains[net], stored, into=grads[net])
+        dense_backward(d_rows[:, start:start + count], x_block, part, chains[net], stored, into=grads[net])
         start += count
     return err
 
@@ -176,7 +176,7 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
     generator = torch.Generator().manual_seed(model.config.cmd.seed)
     n_nets = len(model.net.nets)
     chains = model.net.dense_chains()  # None: batchnorm, dropout or another activation, autograd steps
-    chain_grads = [[param.grad for param in params] for _, params in chains or []]
+    chain_grads = [[block.grad for block, _, _ in chain] for chain in chains or []]
     n_images, size = data.n_atoms.numel(), optim.batch_size
     # the best epoch's parameters and buffers (batchnorm statistics), copied in place on improvement
     live = [flat, *model.net.buffers()]

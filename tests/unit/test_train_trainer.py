@@ -220,7 +220,7 @@ def test_autograd_free_step_gives_autograd_s_gradients(activation: str, loss: st
     want = flat.grad.clone()
     flat.grad.fill_(float("nan"))  # everything the step reports must be written by it
     chains = net.dense_chains()
-    grads = [[param.grad for param in params] for _, params in chains]
+    grads = [[block.grad for block, _, _ in chain] for chain in chains]
     err = trainer.batch_gradient(chains, grads, x, classes, groups, local_image, n_atoms, target, loss)
     torch.testing.assert_close(err, want_err)
     got = flat.grad.split([sum(p.numel() for p in n.parameters()) for n in net.nets])
@@ -242,17 +242,18 @@ def test_dense_chains_only_for_plain_stacks() -> None:
 
 
 @pytest.mark.parametrize("width", [5, 8])
-def test_dense_stack_gradcheck(width: int) -> None:
+@pytest.mark.parametrize("cpu_layout", [True, False])
+def test_dense_stack_gradcheck(width: int, cpu_layout: bool) -> None:
+    """Widths padded to a ones row (5 on the CPU layout) and not (8, or the plain layout)."""
     torch.manual_seed(0)
-    layers = [(torch.randn(width, 3 + 2, dtype=torch.float64, requires_grad=True),
-               torch.randn(width, dtype=torch.float64, requires_grad=True), "tanh"),
-              (torch.randn(1, width, dtype=torch.float64, requires_grad=True),
-               torch.randn(1, dtype=torch.float64, requires_grad=True), None)]
+    first = torch.randn(width, 3 + 2 + 1, dtype=torch.float64)  # 3 inputs, 2 classes, the bias
+    out = torch.zeros(1, dense.block_columns(width, cpu_layout), dtype=torch.float64)
+    out[:, :width + 1] = torch.randn(1, width + 1, dtype=torch.float64)
+    blocks = (first.requires_grad_(), out.requires_grad_())
     x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     classes = torch.randint(0, 2, (9,))
     assert torch.autograd.gradcheck(
-        lambda x, *p: dense.dense_stack(x, [(p[0], p[1], "tanh"), (p[2], p[3], None)], classes),
-        (x, *(t for w, b, _ in layers for t in (w, b))))
+        lambda x, *b: dense.dense_stack(x, [(b[0], 5, "tanh"), (b[1], width, None)], classes), (x, *blocks))
 
 
 def test_autograd_free_training_matches_autograd_training(manifest: Path, cache: Path,

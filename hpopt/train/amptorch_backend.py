@@ -93,7 +93,7 @@ def _alias_cv_split() -> None:
         skorch.dataset.CVSplit = skorch.dataset.ValidSplit
 
 
-def _patch_upstream() -> None:
+def patch_upstream() -> None:
     """Idempotent compatibility fixes to amptorch's classes, applied once it has imported."""
     import amptorch.metrics
     from amptorch.metrics import MemEffEpochScoring
@@ -126,7 +126,7 @@ def _patch_upstream() -> None:
 
 
 @contextlib.contextmanager
-def _contained() -> Iterator[str]:
+def contained() -> Iterator[str]:
     """An absolute temp run_dir; the process state amptorch changes is restored afterwards."""
     import skorch.net
 
@@ -157,7 +157,7 @@ def train_and_predict(cfg: TrainConfig, train_images: list[Atoms], val_images: l
     if not available():
         raise HpoptError("trainer amptorch needs amptorch importable (pip install "
                          "git+https://github.com/ulissigroup/amptorch); use trainer: native")
-    _patch_upstream()
+    patch_upstream()
     import skorch.callbacks
     from amptorch.trainer import AtomsTrainer
 
@@ -173,7 +173,7 @@ def train_and_predict(cfg: TrainConfig, train_images: list[Atoms], val_images: l
                 train_mae = float(np.mean(np.abs(_energies(trainer, train_images) - train_true)))
                 on_epoch(epochs[0], val_mae, train_mae)
 
-    with _contained() as run_dir:
+    with contained() as run_dir:
         trainer = AtomsTrainer(amptorch_config(cfg, list(train_images), run_dir, device))
         trainer.load()  # upstream ignores cmd.custom_callback: add ours, then train as pretrained
         trainer.net.callbacks.append(Report())

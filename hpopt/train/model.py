@@ -297,6 +297,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Potentia
         raise HpoptError(f"{path} is not an hpopt model file ({exc})") from None
     model = PotentialModel(parse_config(saved["config"]), FingerprintSpec(**saved["spec"]),
                            Scalers(**saved["scalers"]), device)
-    model.net.load_state_dict(saved["state_dict"])
+    try:
+        model.net.load_state_dict(saved["state_dict"])
+    except RuntimeError:
+        raise HpoptError(f"{path} holds a network this hpopt version cannot read (saved by an older "
+                         f"version, before Linear layers became one parameter block): retrain it") from None
     model.net.eval()
     return model

@@ -89,6 +89,11 @@ def test_retrain_saves_a_model_that_reloads(manifest: Path, cache: Path, tmp_pat
     # the reported train MAE is exact (the saved network on every training image), not a running mean
     train_pred = model.predict(train_images)
     assert np.mean(np.abs(train_pred - energies(train_images))) == pytest.approx(out["train_mae"], rel=1e-4)
+    saved = torch.load(out["model_path"], weights_only=True)  # the same network as an older version saved it
+    saved["state_dict"] = {key.replace(".block", ".weight"): value for key, value in saved["state_dict"].items()}
+    torch.save(saved, tmp_path / "older.pt")
+    with pytest.raises(HpoptError, match="older version.*retrain it"):
+        load_model(tmp_path / "older.pt")
 
 
 def test_schedulers_change_the_learning_rate(manifest: Path, cache: Path) -> None:

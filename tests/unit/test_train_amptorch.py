@@ -52,3 +52,26 @@ def test_amptorch_trial_reports_every_epoch_and_restores_process_state(manifest:
     assert seen == [1, 2, 3] and result.val_mae > 0
     assert Path.cwd() == cwd and torch.get_default_dtype() == dtype
     assert np.array_equal(np.random.get_state()[1], numpy_rng)  # amptorch reseeds it
+
+
+@needs_amptorch
+def test_predictor_matches_atoms_trainer_predict(manifest: Path) -> None:
+    """The per-epoch scorer (fingerprints built once) gives AtomsTrainer.predict's energies."""
+    from amptorch.trainer import AtomsTrainer
+
+    from hpopt.train.data import read_images
+    from hpopt.train.split import load_manifest
+
+    m = load_manifest(manifest)
+    train, val = read_images(m.source_path, m.train), read_images(m.source_path, m.validation)
+    cfg = parse_config({"trainer": "amptorch", "optim": {"epochs": 2}, "dataset": {"fp_scheme": "gaussian"}})
+    amptorch_backend.patch_upstream()
+    with amptorch_backend.contained() as run_dir:
+        trainer = AtomsTrainer(amptorch_backend.amptorch_config(cfg, train, run_dir, "cpu"))
+        trainer.load()
+        predictor = amptorch_backend.Predictor(trainer, val)
+        trainer.pretrained = True
+        trainer.train()
+        want = np.asarray(trainer.predict(val)["energy"], dtype=float).reshape(-1)
+        got = predictor.energies()
+    assert got.shape == (len(val),) and np.allclose(got, want, rtol=1e-9, atol=1e-9)

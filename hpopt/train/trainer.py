@@ -25,6 +25,7 @@ from hpopt.train.dense import dense_backward, dense_forward
 from hpopt.train.model import AtomicNetwork, DenseChain, PotentialModel, counts
 
 EpochCallback = Callable[[int, float, float], None]
+_ZERO = torch.tensor(0.0)  # a 0-dim tensor operand: read as a scalar, no Python-number wrapping per call
 
 
 @dataclass
@@ -107,20 +108,18 @@ def batch_gradient(chains: list[DenseChain], grads: list[list[torch.Tensor]], x:
     blocks, start = [], 0
     for net, count in groups:
         if count:
-            part = None if classes is None else classes[start:start + count]
-            blocks.append((net, x[start:start + count], part, dense_forward(x[start:start + count], part, chains[net])))
+            rows = slice(start, start + count)
+            x_block, part = x[rows], None if classes is None else classes[rows]
+            blocks.append((net, rows, x_block, part, dense_forward(x_block, part, chains[net])))
         start += count
-    values = [stored[-1][0] for _, _, _, stored in blocks]
+    values = [stored[-1][0] for *_, stored in blocks]
     per_atom = torch.zeros_like(target).index_add_(0, local_image, values[0] if len(values) == 1 else torch.cat(values))
     err = per_atom.div_(n_atoms).sub_(target)
     # d loss / d per_atom as torch's mse_loss / l1_loss backward computes it, then through the division and the sums
-    d_per_atom = err * (2 / err.numel()) if loss == "mse" else err.sgn().div_(err.numel())
-    d_rows = d_per_atom.div_(n_atoms).index_select(0, local_image)[None, :]
-    start = 0
-    for net, x_block, part, stored in blocks:
-        count = x_block.shape[0]
-        dense_backward(d_rows[:, start:start + count], x_block, part, chains[net], stored, into=grads[net])
-        start += count
+    slope, scale = (err, 2 / err.numel()) if loss == "mse" else (err.sgn(), 1 / err.numel())
+    d_rows = torch.addcdiv(_ZERO, slope, n_atoms, value=scale).index_select(0, local_image)[None, :]
+    for net, rows, x_block, part, stored in blocks:
+        dense_backward(d_rows[:, rows], x_block, part, chains[net], stored, into=grads[net])
     return err
 
 

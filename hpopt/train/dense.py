@@ -3,7 +3,8 @@
 The networks here are small (widths 20-30) and a batch is ~2,000 atoms, so per-op dispatch and
 autograd bookkeeping cost as much as the arithmetic: as modules, Linear + tanh is ~8 graph nodes
 visited forward and backward. `dense_stack` is one node whose hand-written backward is ~3 kernels
-per layer, and `dense_forward` / `dense_backward` run the same math without autograd.
+per layer, and `dense_forward` / `dense_backward` run the same math without autograd (the
+trainer's autograd-free step, with a `Workspace` that keeps the layer outputs between batches).
 
 Layout. A layer's parameters are one block (out, cols): weight in [:, :n_in], bias in column
 n_in, zeros after (`DenseLinear` in model.py owns it). Activations are stored (features, rows),
@@ -24,11 +25,13 @@ backward needs no extra state.
 
 from __future__ import annotations
 
+from typing import Iterable, NamedTuple
+
 import torch
 
 FUSED_ACTIVATIONS = ("tanh", "sigmoid", "relu")  # derivative known from the output: applied in place
 
-Layer = tuple[torch.Tensor, int, str | None]  # block (out, cols), n_in, activation or None
+LayerSpec = tuple[torch.Tensor, int, str | None]  # block (out, cols), n_in, activation or None
 _MINUS_ONE = torch.tensor(-1.0)  # a 0-dim tensor is read as a scalar without the ~2 us of wrapping a Python number
 
 
@@ -39,20 +42,61 @@ def block_columns(n_in: int, cpu: bool) -> int:
     return -(-(n_in + 1) // 8) * 8 if cpu and n_in % 8 else n_in + 1
 
 
-def _reads_ones_row(layer: Layer) -> bool:
-    """Whether a (non-first) layer's input is stored with the ones row: its block was padded."""
-    block, n_in, _ = layer
-    return n_in % 8 != 0 and block.shape[1] % 8 == 0
+class Layer(NamedTuple):
+    """A Linear layer and its activation as `dense_forward` / `dense_backward` run it (`chain`)."""
+
+    block: torch.Tensor  # (out, cols): weight in [:, :n_in], bias in column n_in, zero padding after
+    n_in: int
+    activation: str | None
+    reads_ones: bool  # its input is stored with the ones row: a padded block after another layer
+    weight_t: torch.Tensor  # block[:, :n_in].t(), the left factor of the input gradient (a view)
 
 
-def dense_stack(x: torch.Tensor, layers: list[Layer], classes: torch.Tensor | None = None) -> torch.Tensor:
+def chain(specs: Iterable[LayerSpec]) -> list[Layer]:
+    """Consecutive layers from their (block, n_in, activation); the first reads the inputs x."""
+    return [Layer(block, n_in, activation, k > 0 and n_in % 8 != 0 and block.shape[1] % 8 == 0,
+                  block[:, :n_in].t()) for k, (block, n_in, activation) in enumerate(specs)]
+
+
+class Workspace:
+    """`dense_forward`'s layer outputs kept from call to call, for a caller that is done with a
+    batch before the next one (the trainer's autograd-free step): the ones and zero rows are
+    filled once, not per batch (~4 small ops per layer). Grows with the largest batch seen."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers, self.buffers = layers, []
+
+    def take(self, n: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output buffer for n rows."""
+        if not self.buffers or self.buffers[0].shape[1] < n:
+            self.buffers = _buffers(self.layers, n + n // 8, like)
+        return [buffer[:, :n] for buffer in self.buffers]
+
+
+def _buffers(layers: list[Layer], n: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """Uninitialized outputs for n rows: (out, n) per layer, or, where the next layer reads the
+    ones row, as many rows as its block has columns, the ones row and zero rows filled."""
+    buffers = []
+    for layer, following in zip(layers, layers[1:] + [None]):
+        n_out = layer.block.shape[0]
+        if following is not None and following.reads_ones:
+            buffer = like.new_empty(following.block.shape[1], n)
+            buffer[n_out].fill_(1)
+            buffer[n_out + 1:].zero_()
+        else:
+            buffer = like.new_empty(n_out, n)
+        buffers.append(buffer)
+    return buffers
+
+
+def dense_stack(x: torch.Tensor, specs: list[LayerSpec], classes: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of x through each layer in turn: activation(h @ weight.T + bias), where the first
     layer's input is cat([x, one_hot(classes)]) when `classes` is given. Returns (rows, out).
     Without grad mode (evaluation) the forward pass runs without an autograd node."""
     if not torch.is_grad_enabled():
-        return dense_forward(x, classes, layers)[-1].t()
-    spec = tuple((n_in, activation) for _, n_in, activation in layers)
-    return _DenseStack.apply(x, classes, spec, *(block for block, _, _ in layers))
+        return dense_forward(x, classes, chain(specs))[-1].t()
+    spec = tuple((n_in, activation) for _, n_in, activation in specs)
+    return _DenseStack.apply(x, classes, spec, *(block for block, _, _ in specs))
 
 
 def _activate_(u: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -77,31 +121,27 @@ def _activation_grad(grad: torch.Tensor, value: torch.Tensor, activation: str | 
     return grad
 
 
-def dense_forward(x: torch.Tensor, classes: torch.Tensor | None, layers: list[Layer]) -> list[torch.Tensor]:
+def dense_forward(x: torch.Tensor, classes: torch.Tensor | None, layers: list[Layer],
+                  workspace: Workspace | None = None) -> list[torch.Tensor]:
     """`dense_stack`'s forward pass without autograd. Returns what each layer stores, (rows in the
     buffer, batch rows): its activation's value in the first `out` rows (plus the ones row and
-    padding the next layer reads); the last one is the stack's output (out, rows)."""
-    n_x, stored = x.shape[1], []
-    hidden = x.t()
-    for k, (block, n_in, activation) in enumerate(layers):
-        n_out = block.shape[0]
-        padded = k + 1 < len(layers) and _reads_ones_row(layers[k + 1])
-        buffer = hidden.new_empty(layers[k + 1][0].shape[1] if padded else n_out, hidden.shape[1])
-        if padded:
-            buffer[n_out].fill_(1)
-            buffer[n_out + 1:].zero_()
-        pre = 2.0 if activation == "tanh" and x.is_cpu else 1.0
-        out = buffer[:n_out]
+    padding the next layer reads); the last one is the stack's output (out, rows). With a
+    `workspace` the buffers are its, valid until its next use."""
+    n_x, hidden = x.shape[1], x.t()
+    stored = workspace.take(x.shape[0], x) if workspace is not None else _buffers(layers, x.shape[0], x)
+    for k, layer in enumerate(layers):
+        block, n_in = layer.block, layer.n_in
+        pre = 2.0 if layer.activation == "tanh" and x.is_cpu else 1.0
+        out = stored[k][:block.shape[0]]
         if k == 0 and classes is not None:  # column c of the table: one-hot column c's weights plus the bias
             table = block[:, n_x:n_in] + block[:, n_in:n_in + 1]
             torch.addmm(table.index_select(1, classes), block[:, :n_x], hidden, beta=pre, alpha=pre, out=out)
-        elif k > 0 and _reads_ones_row(layers[k]):
+        elif layer.reads_ones:
             torch.addmm(out, block, hidden, beta=0, alpha=pre, out=out)  # beta 0: out's old contents ignored
         else:
-            torch.addmm(block[:, n_in:n_in + 1], block[:, :n_in], hidden[:n_in], beta=pre, alpha=pre, out=out)
-        _activate_(out, activation)
-        stored.append(buffer)
-        hidden = buffer
+            torch.addmm(block[:, n_in:n_in + 1], block[:, :n_in], hidden, beta=pre, alpha=pre, out=out)
+        _activate_(out, layer.activation)
+        hidden = stored[k]
     return stored
 
 
@@ -113,9 +153,10 @@ def dense_backward(grad: torch.Tensor, x: torch.Tensor, classes: torch.Tensor | 
     like the blocks) each block's gradient is written there, overwriting it."""
     n_x, grads = x.shape[1], []
     for k in reversed(range(len(layers))):
-        block, n_in, activation = layers[k]
-        grad = _activation_grad(grad, stored[k][:block.shape[0]], activation)  # d loss / d z of layer k
-        if k > 0 and _reads_ones_row(layers[k]):
+        layer = layers[k]
+        block, n_in = layer.block, layer.n_in
+        grad = _activation_grad(grad, stored[k][:block.shape[0]], layer.activation)  # d loss / d z of layer k
+        if layer.reads_ones:
             grads.append(torch.mm(grad, stored[k - 1].t(), out=into[k] if into else None))
         else:
             out = into[k] if into else grad.new_empty(block.shape)
@@ -126,12 +167,12 @@ def dense_backward(grad: torch.Tensor, x: torch.Tensor, classes: torch.Tensor | 
                 torch.sum(_class_sums(grad, classes, n_in - n_x), 1, out=out[:, n_x:n_in])
                 torch.sum(out[:, n_x:n_in], 1, out=out[:, n_in])
             else:
-                torch.mm(grad, x if k == 0 else stored[k - 1][:n_in].t(), out=out[:, :n_in])
+                torch.mm(grad, x if k == 0 else stored[k - 1].t(), out=out[:, :n_in])
                 torch.sum(grad, 1, out=out[:, n_in])
             grads.append(out)
         if k > 0:
-            grad = torch.mm(block[:, :n_in].t(), grad)  # d loss / d value of layer k - 1
-    grad_x = torch.mm(layers[0][0][:, :n_x].t(), grad).t() if input_grad else None
+            grad = torch.mm(layer.weight_t, grad)  # d loss / d value of layer k - 1
+    grad_x = torch.mm(layers[0].weight_t[:n_x], grad).t() if input_grad else None
     return grad_x, grads[::-1]
 
 
@@ -140,8 +181,7 @@ class _DenseStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, classes: torch.Tensor | None,
                 spec: tuple[tuple[int, str | None], ...], *blocks: torch.Tensor) -> torch.Tensor:
-        layers = [(block, n_in, activation) for block, (n_in, activation) in zip(blocks, spec)]
-        stored = dense_forward(x, classes, layers)
+        stored = dense_forward(x, classes, chain((block, *layer) for block, layer in zip(blocks, spec)))
         ctx.save_for_backward(x, classes, *blocks, *stored)
         ctx.spec = spec
         return stored[-1].t()
@@ -150,7 +190,7 @@ class _DenseStack(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, classes, *saved = ctx.saved_tensors
         blocks, stored = saved[:len(ctx.spec)], saved[len(ctx.spec):]
-        layers = [(block, n_in, activation) for block, (n_in, activation) in zip(blocks, ctx.spec)]
+        layers = chain((block, *layer) for block, layer in zip(blocks, ctx.spec))
         grad_x, grads = dense_backward(grad.t(), x, classes, layers, stored, input_grad=ctx.needs_input_grad[0])
         return grad_x, None, None, *grads
 

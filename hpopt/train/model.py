@@ -25,7 +25,7 @@ from torch import nn
 from hpopt.errors import HpoptError
 from hpopt.train import fingerprints
 from hpopt.train.data import fit_references
-from hpopt.train.dense import FUSED_ACTIVATIONS, Layer, block_columns, dense_stack
+from hpopt.train.dense import FUSED_ACTIVATIONS, Layer, LayerSpec, block_columns, chain, dense_stack
 from hpopt.train.config import ModelConfig, TrainConfig, parse_config
 from hpopt.train.fingerprints import FingerprintSpec, Fingerprints
 
@@ -116,13 +116,14 @@ class AtomicNetwork(nn.Module):
     def dense_chains(self) -> list[DenseChain] | None:
         """Each network as one `dense_stack` chain, or None when any network holds more than
         Linear layers and fused activations (batchnorm, dropout, gelu...). The trainer's
-        autograd-free step runs these directly."""
+        autograd-free step runs these directly. The chains hold views of the parameters: build
+        them once the parameters' storage is final (after `trainer.flat_parameters`)."""
         chains = []
         for net in self.nets:
             segments = _segments(net)
             if len(segments) > 1:
                 return None
-            chains.append(segments[0])
+            chains.append(chain(segments[0]))
         return chains
 
     def _run(self, net: nn.Sequential, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
@@ -137,9 +138,9 @@ class AtomicNetwork(nn.Module):
         return hidden.squeeze(-1)
 
 
-def _segments(net: nn.Sequential) -> list[list[Layer] | nn.Module]:
+def _segments(net: nn.Sequential) -> list[list[LayerSpec] | nn.Module]:
     """net's modules in order, each run of Linear layers (each with the activation right after it,
-    when that has a fused form) gathered into one list of `Layer`s; other modules (batchnorm,
+    when that has a fused form) gathered into one list of `LayerSpec`s; other modules (batchnorm,
     dropout, other activations) stand as themselves between runs. Ends with a run (the output
     layer)."""
     modules, segments, run = list(net), [], []

@@ -21,11 +21,10 @@ import torch
 
 from hpopt.train.config import OptimConfig
 from hpopt.train.fingerprints import Fingerprints
-from hpopt.train.dense import dense_backward, dense_forward
+from hpopt.train.dense import Workspace, dense_backward, dense_forward
 from hpopt.train.model import AtomicNetwork, DenseChain, PotentialModel, counts
 
 EpochCallback = Callable[[int, float, float], None]
-_ZERO = torch.tensor(0.0)  # a 0-dim tensor operand: read as a scalar, no Python-number wrapping per call
 
 
 @dataclass
@@ -99,25 +98,28 @@ def batch_loss(net: AtomicNetwork, x: torch.Tensor, classes: torch.Tensor | None
 @torch.no_grad()
 def batch_gradient(chains: list[DenseChain], grads: list[list[torch.Tensor]], x: torch.Tensor,
                    classes: torch.Tensor | None, groups: list[tuple[int, int]], local_image: torch.Tensor,
-                   n_atoms: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+                   n_atoms: torch.Tensor, target: torch.Tensor, loss: str,
+                   workspaces: list[Workspace] | None = None) -> torch.Tensor:
     """`batch_loss` and its backward pass without autograd, for networks that are plain dense
     chains (`AtomicNetwork.dense_chains`): `dense_forward` per network block, the loss gradient by
     hand, `dense_backward` straight into `grads` (per network, shaped like its chain's parameters;
     a network without rows is not written). Same gradients as autograd to float rounding, without
-    its graph and per-node bookkeeping (~0.5 ms a batch). Returns the per-image errors."""
+    its graph and per-node bookkeeping (~0.5 ms a batch); `workspaces` (one per network) keep the
+    layer outputs from batch to batch. Returns the per-image errors."""
     blocks, start = [], 0
     for net, count in groups:
         if count:
             rows = slice(start, start + count)
             x_block, part = x[rows], None if classes is None else classes[rows]
-            blocks.append((net, rows, x_block, part, dense_forward(x_block, part, chains[net])))
+            stored = dense_forward(x_block, part, chains[net], workspaces[net] if workspaces else None)
+            blocks.append((net, rows, x_block, part, stored))
         start += count
     values = [stored[-1][0] for *_, stored in blocks]
     per_atom = torch.zeros_like(target).index_add_(0, local_image, values[0] if len(values) == 1 else torch.cat(values))
     err = per_atom.div_(n_atoms).sub_(target)
     # d loss / d per_atom as torch's mse_loss / l1_loss backward computes it, then through the division and the sums
     slope, scale = (err, 2 / err.numel()) if loss == "mse" else (err.sgn(), 1 / err.numel())
-    d_rows = torch.addcdiv(_ZERO, slope, n_atoms, value=scale).index_select(0, local_image)[None, :]
+    d_rows = torch.addcdiv(slope.new_zeros(()), slope, n_atoms, value=scale).index_select(0, local_image)[None, :]
     for net, rows, x_block, part, stored in blocks:
         dense_backward(d_rows[:, rows], x_block, part, chains[net], stored, into=grads[net])
     return err
@@ -175,7 +177,8 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
     generator = torch.Generator().manual_seed(model.config.cmd.seed)
     n_nets = len(model.net.nets)
     chains = model.net.dense_chains()  # None: batchnorm, dropout or another activation, autograd steps
-    chain_grads = [[block.grad for block, _, _ in chain] for chain in chains or []]
+    chain_grads = [[layer.block.grad for layer in chain] for chain in chains or []]
+    workspaces = [Workspace(chain) for chain in chains or []]
     n_images, size = data.n_atoms.numel(), optim.batch_size
     # the best epoch's parameters and buffers (batchnorm statistics), copied in place on improvement
     live = [flat, *model.net.buffers()]
@@ -200,7 +203,7 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
                 loss.backward()
             else:
                 err = batch_gradient(chains, chain_grads, x, part, list(enumerate(block)), local, batch_n_atoms,
-                                     target, optim.loss)
+                                     target, optim.loss, workspaces)
             for param, grad, rows in zip(net_params, net_grads, block):
                 param.grad = grad if rows else None
             opt.step()

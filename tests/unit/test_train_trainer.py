@@ -209,9 +209,11 @@ def _random_batch(n_classes: int, n_x: int = 6) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
 @pytest.mark.parametrize("loss", ["mse", "mae"])
 @pytest.mark.parametrize("name", ["singlenn", "bpnn"])
-def test_autograd_free_step_gives_autograd_s_gradients(activation: str, loss: str, name: str) -> None:
+@pytest.mark.parametrize("reuse", [False, True])
+def test_autograd_free_step_gives_autograd_s_gradients(activation: str, loss: str, name: str, reuse: bool) -> None:
     """batch_gradient (hand-written loss gradient, dense_backward into the parameters' grads)
-    against batch_loss + autograd, widths padded (5, 13) and not (8); bpnn with an empty network."""
+    against batch_loss + autograd, widths padded (5, 13) and not (8); bpnn with an empty network;
+    with `reuse`, through workspaces that already hold a larger batch (strided column views)."""
     torch.manual_seed(0)
     model = parse_config({"model": {"name": name, "hidden_layers": [5, 8, 13], "activation": activation}}).model
     n_nets, n_classes = (3, 0) if name == "bpnn" else (1, 4)
@@ -225,8 +227,12 @@ def test_autograd_free_step_gives_autograd_s_gradients(activation: str, loss: st
     want = flat.grad.clone()
     flat.grad.fill_(float("nan"))  # everything the step reports must be written by it
     chains = net.dense_chains()
-    grads = [[block.grad for block, _, _ in chain] for chain in chains]
-    err = trainer.batch_gradient(chains, grads, x, classes, groups, local_image, n_atoms, target, loss)
+    grads = [[layer.block.grad for layer in chain] for chain in chains]
+    workspaces = [dense.Workspace(chain) for chain in chains] if reuse else None
+    for workspace in workspaces or []:  # a larger batch was here: its values are stale
+        for layer, buffer in zip(workspace.layers, workspace.take(40, x)):
+            buffer[:layer.block.shape[0]].fill_(float("nan"))
+    err = trainer.batch_gradient(chains, grads, x, classes, groups, local_image, n_atoms, target, loss, workspaces)
     torch.testing.assert_close(err, want_err)
     got = flat.grad.split([sum(p.numel() for p in n.parameters()) for n in net.nets])
     for index, (got_net, want_net) in enumerate(zip(got, want.split([g.numel() for g in got]))):

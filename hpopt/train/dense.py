@@ -200,6 +200,6 @@ def _class_sums(grad: torch.Tensor, classes: torch.Tensor, n_classes: int) -> to
     through 8 copies of the classes (sum over dim 1 to finish). Consecutive rows often share a
     class (atoms of one image), and index_add into the same column back to back is a dependency
     chain ~3x slower than spread-out adds."""
-    copy = torch.arange(classes.numel(), device=classes.device) % 8
-    spread = grad.new_zeros(grad.shape[0], 8 * n_classes).index_add_(1, classes + n_classes * copy, grad)
+    copy = torch.arange(classes.numel(), device=classes.device).bitwise_and_(7)  # row % 8, without a division
+    spread = grad.new_zeros(grad.shape[0], 8 * n_classes).index_add_(1, torch.add(classes, copy, alpha=n_classes), grad)
     return spread.view(grad.shape[0], 8, n_classes)

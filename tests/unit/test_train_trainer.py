@@ -275,3 +275,23 @@ def test_autograd_free_training_matches_autograd_training(manifest: Path, cache:
     slow = run_trial(config, manifest, cache_dir=cache)
     assert fast.val_mae == pytest.approx(slow.val_mae, rel=1e-4) and fast.val_mae != slow.baseline_val_mae
     assert fast.train_mae == pytest.approx(slow.train_mae, rel=1e-4)
+
+
+@pytest.mark.parametrize("model", [{"dropout": True, "dropout_rate": 0.5}, {"batchnorm": True}, {}])
+def test_energies_are_in_eval_mode_and_keep_train_mode(model: dict) -> None:
+    """Evaluation switches modes only for networks that have them (batchnorm, dropout): the
+    same energies as in eval mode, and the network is left training."""
+    cfg = parse_config({"model": {**model, "num_layers": 2, "num_nodes": 6}, "dataset": {"fp_scheme": "weighted"}})
+    spec = fingerprints.spec_from_config(cfg.dataset, ["Cu", "O"])
+    gen = torch.Generator().manual_seed(0)
+    n_atoms = torch.tensor([3, 2, 4])
+    fps = fingerprints.Fingerprints(torch.randn(9, spec.n_features, generator=gen), torch.tensor([0, 1] * 4 + [0]),
+                                    n_atoms, torch.randn(3, generator=gen, dtype=torch.float64))
+    torch.manual_seed(0)
+    potential = PotentialModel(cfg, spec, fit_scalers(fps, 2), "cpu")
+    assert potential.modal == bool(model)
+    potential.net.eval()
+    want = potential.energies(fps)
+    potential.net.train()
+    assert torch.equal(potential.energies(fps), want) and torch.equal(potential.energies(fps), want)
+    assert potential.net.training

@@ -217,16 +217,19 @@ class PotentialModel:
     """A trained (or training) potential: config, fingerprint spec, scalers and network."""
 
     def __init__(self, config: TrainConfig, spec: FingerprintSpec, scalers: Scalers,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", cpu_layout: bool | None = None) -> None:
+        """cpu_layout: the parameter blocks' layout (`dense.block_columns`); by default the one for
+        `device`. A reloaded model keeps the layout it was trained with, on any device."""
         self.config, self.spec = config, spec
         self.device = torch.device(device)
+        self.cpu_layout = self.device.type == "cpu" if cpu_layout is None else cpu_layout
         self.dtype = torch.float64 if config.cmd.dtype == "float64" else torch.float32
         self.scalers = scalers.to(self.device, self.dtype)
         self.per_element = config.model.name == "bpnn"
         n_el = len(spec.elements)
         n_classes = 0 if self.per_element else n_el  # singlenn: the element one-hot
         self.net = AtomicNetwork(spec.n_features + n_classes, n_el if self.per_element else 1, config.model,
-                                 n_classes, cpu=self.device.type == "cpu").to(self.device, self.dtype)
+                                 n_classes, cpu=self.cpu_layout).to(self.device, self.dtype)
         # batchnorm or dropout: eval mode differs from train mode (switching costs ~60 us a call)
         self.modal = any(isinstance(m, (nn.BatchNorm1d, nn.Dropout)) for m in self.net.modules())
 
@@ -286,7 +289,7 @@ class PotentialModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"config": self.config.as_dict(), "spec": asdict(self.spec),
-                    "state_dict": self.net.state_dict(),
+                    "state_dict": self.net.state_dict(), "cpu_layout": self.cpu_layout,
                     "scalers": {k: v.cpu() if isinstance(v, torch.Tensor) else v
                                 for k, v in vars(self.scalers).items()}}, path)
         return path
@@ -300,12 +303,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Potentia
         raise HpoptError(f"model file not found: {path}") from None
     except Exception as exc:
         raise HpoptError(f"{path} is not an hpopt model file ({exc})") from None
+    if "cpu_layout" not in saved:
+        raise HpoptError(f"{path} holds a network this hpopt version cannot read (saved by an older "
+                         f"version, before Linear layers became one parameter block): retrain it")
     model = PotentialModel(parse_config(saved["config"]), FingerprintSpec(**saved["spec"]),
-                           Scalers(**saved["scalers"]), device)
+                           Scalers(**saved["scalers"]), device, cpu_layout=saved["cpu_layout"])
     try:
         model.net.load_state_dict(saved["state_dict"])
-    except RuntimeError:
-        raise HpoptError(f"{path} holds a network this hpopt version cannot read (saved by an older "
-                         f"version, before Linear layers became one parameter block): retrain it") from None
+    except RuntimeError as exc:
+        raise HpoptError(f"{path} is not an hpopt model file ({exc})") from None
     model.net.eval()
     return model

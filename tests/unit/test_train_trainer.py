@@ -91,6 +91,7 @@ def test_retrain_saves_a_model_that_reloads(manifest: Path, cache: Path, tmp_pat
     assert np.mean(np.abs(train_pred - energies(train_images))) == pytest.approx(out["train_mae"], rel=1e-4)
     saved = torch.load(out["model_path"], weights_only=True)  # the same network as an older version saved it
     saved["state_dict"] = {key.replace(".block", ".weight"): value for key, value in saved["state_dict"].items()}
+    del saved["cpu_layout"]
     torch.save(saved, tmp_path / "older.pt")
     with pytest.raises(HpoptError, match="older version.*retrain it"):
         load_model(tmp_path / "older.pt")
@@ -295,3 +296,26 @@ def test_energies_are_in_eval_mode_and_keep_train_mode(model: dict) -> None:
     potential.net.train()
     assert torch.equal(potential.energies(fps), want) and torch.equal(potential.energies(fps), want)
     assert potential.net.training
+
+
+def test_a_model_keeps_its_block_layout_on_reload(tmp_path: Path) -> None:
+    """A network laid out for the GPU (no CPU padding) reloads on the CPU with the same layout and
+    the same predictions, and the CPU layout gives the same function as the plain one."""
+    cfg = parse_config({"model": {"num_layers": 2, "num_nodes": 6}, "dataset": {"fp_scheme": "weighted"}})
+    spec = fingerprints.spec_from_config(cfg.dataset, ["Cu", "O"])
+    gen = torch.Generator().manual_seed(0)
+    fps = fingerprints.Fingerprints(torch.randn(9, spec.n_features, generator=gen), torch.tensor([0, 1] * 4 + [0]),
+                                    torch.tensor([3, 2, 4]), torch.randn(3, generator=gen, dtype=torch.float64))
+    scalers = fit_scalers(fps, 2)
+    torch.manual_seed(0)
+    plain = PotentialModel(cfg, spec, scalers, "cpu", cpu_layout=False)
+    torch.manual_seed(0)
+    padded = PotentialModel(cfg, spec, scalers, "cpu")
+    assert [p.shape[1] for p in plain.net.parameters()] != [p.shape[1] for p in padded.net.parameters()]
+    with torch.no_grad():
+        for small, big in zip(plain.net.parameters(), padded.net.parameters()):
+            big.zero_()[:, :small.shape[1]] = small
+    torch.testing.assert_close(plain.energies(fps), padded.energies(fps))
+    reloaded = load_model(plain.save(tmp_path / "plain.pt"))
+    assert not reloaded.cpu_layout
+    torch.testing.assert_close(reloaded.energies(fps), plain.energies(fps))

@@ -6,8 +6,8 @@ to EMT demo data. Prints, in one run and side by side:
 * fingerprints: ms/image, s per 1,000 images and peak RSS of the batched native path with the
   default angular functions (G5) and with exact G4, at the default and a 4 A angular cutoff (and
   on the GPU when there is one); a straightforward per-image implementation written below (ASE
-  neighbour list, one pair list and one triplet index list per image; the stand-in for amptorch,
-  whose GMP is not installable here) and its agreement; and the RATIO against amptorch's GMP
+  neighbour list, one pair list and one triplet index list per image; the stand-in for amptorch's
+  GMP, which needs amptorch, not on PyPI) and its agreement; and the RATIO against amptorch's GMP
   figure measured upstream on this data (issue 7 asks for 10x);
 * training: ms/epoch for the native loop, the same loop with its autograd step (what batchnorm or
   dropout networks run) and a per-batch-collating loop (amptorch's data path: per-image tensors

@@ -197,6 +197,35 @@ def test_bpnn_network_of_an_absent_element_is_not_stepped() -> None:
     assert 0.5 * 0.01 < moved <= 0.01 * 1.001
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_optimizer_step_is_torch_s_own_step(optimizer: str) -> None:
+    """The direct fused step moves the parameters and the optimizer state exactly as torch's own
+    step: with weight decay, a scheduler changing the lr, and a parameter without a gradient on
+    some steps (skipped, first seen on the second step)."""
+    optim = parse_config({"optim": {"optimizer": optimizer, "lr": 0.01, "weight_decay": 0.1, "scheduler": {
+        "policy": "StepLR", "params": {"step_size": 2, "gamma": 0.5}}}}).optim
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
+    grads = [(torch.randn(7, generator=gen), torch.randn(3, generator=gen) if k % 3 else None) for k in range(7)]
+    runs = []
+    for direct in (False, True):
+        params = [p.clone() for p in start]
+        opt = trainer._optimizer(params, optim)
+        scheduler = trainer._scheduler(opt, optim)
+        step = trainer.optimizer_step(opt) if direct else opt.step
+        assert (step == opt.step) == (optimizer == "sgd" or not direct)
+        for batch in grads:
+            for param, grad in zip(params, batch):
+                param.grad = grad
+            step()
+            scheduler.step()
+        runs.append((params, opt.state_dict()["state"]))
+    (torch_params, torch_state), (params, state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(torch_params, params))
+    assert not torch.equal(params[0], start[0]) and not torch.equal(params[1], start[1])
+    torch.testing.assert_close(state, torch_state, rtol=0, atol=0)
+
+
 def _random_batch(n_classes: int, n_x: int = 6) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(3)
     n_atoms = torch.tensor([5, 3, 7, 1, 4])

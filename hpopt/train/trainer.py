@@ -157,7 +157,7 @@ def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
     if not isinstance(opt, torch.optim.Adam) or len(opt.param_groups) > 1 or not group["fused"] \
             or group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
         return opt.step
-    kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_  # key since torch 2.6
+    kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_  # no such key in older torch
 
     def step() -> None:
         params = [p for p in group["params"] if p.grad is not None]

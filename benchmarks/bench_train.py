@@ -279,12 +279,14 @@ def amptorch_loops(cfg: TrainConfig, train: list[Atoms], val: list[Atoms]
         val_mae = lambda: float(np.mean(np.abs(predictor.energies() - val_energy)))  # noqa: E731
 
         class Validate(skorch.callbacks.Callback):
+            def __init__(self) -> None:
+                self.maes: list[float] = []
+
             def on_epoch_end(self, net: object, **kwargs: object) -> None:
                 self.maes.append(val_mae())
 
         def loop(validate: bool) -> tuple[float, ...]:
             callback = Validate()
-            callback.maes = []
             if validate:
                 model.net.callbacks.append(callback)
             try:

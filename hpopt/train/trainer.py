@@ -234,8 +234,8 @@ def fit(model: PotentialModel, train: Fingerprints, val: Fingerprints, *, epochs
             else:
                 err = batch_gradient(chains, chain_grads, x, part, list(enumerate(block)), local, batch_n_atoms,
                                      target, optim.loss, workspaces)
-            for param, grad, rows in zip(net_params, net_grads, block):
-                param.grad = grad if rows else None
+            for param, grad, net_rows in zip(net_params, net_grads, block):
+                param.grad = grad if net_rows else None
             step()
             errors.append(err)
         train_mae = float((torch.cat(errors).abs() * n_atoms).mean()) * model.scalers.energy_std

@@ -148,7 +148,7 @@ def _optimizer(params: list[torch.Tensor], optim: OptimConfig) -> torch.optim.Op
 
 def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
     """`opt.step`, or for fused Adam / AdamW a step that calls torch's fused kernel directly:
-    `Optimizer.step` spends ~35 us of Python per call (hooks, grouping by device and dtype), a
+    `Optimizer.step` spends ~35-50 us of Python per call (hooks, grouping by device and dtype), a
     tenth of a small network's whole step. Same update (the kernel torch's own fused step runs,
     on the optimizer's own state, at its group's current lr, which schedulers change);
     parameters without a gradient are skipped as torch skips them. torch's step runs while some

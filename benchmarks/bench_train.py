@@ -300,7 +300,7 @@ def amptorch_loops(cfg: TrainConfig, train: list[Atoms], val: list[Atoms]
         yield {"amptorch": lambda _: loop(False), "amptorch+val": lambda _: loop(True)}, load_cpu / len(train)
 
 
-def bench_epochs(cfg_dict: dict, manifest_path: Path, cache: Path, repeats: int = 3) -> None:
+def bench_epochs(cfg_dict: dict, manifest_path: Path, cache: Path, repeats: int = 5) -> None:
     cfg = parse_config(cfg_dict)
     epochs, singlenn = cfg.optim.epochs, cfg.model.name == "singlenn"
     manifest = load_manifest(manifest_path)

@@ -307,16 +307,22 @@ def test_autograd_free_training_matches_autograd_training(manifest: Path, cache:
     assert fast.train_mae == pytest.approx(slow.train_mae, rel=1e-4)
 
 
+def _tiny_model_data(model: dict) -> tuple:
+    """A small singlenn config (2x6, weighted fingerprints, Cu and O), its fingerprint spec, and
+    random fingerprints of 3 images (9 atoms)."""
+    cfg = parse_config({"model": {**model, "num_layers": 2, "num_nodes": 6}, "dataset": {"fp_scheme": "weighted"}})
+    spec = fingerprints.spec_from_config(cfg.dataset, ["Cu", "O"])
+    gen = torch.Generator().manual_seed(0)
+    fps = fingerprints.Fingerprints(torch.randn(9, spec.n_features, generator=gen), torch.tensor([0, 1] * 4 + [0]),
+                                    torch.tensor([3, 2, 4]), torch.randn(3, generator=gen, dtype=torch.float64))
+    return cfg, spec, fps
+
+
 @pytest.mark.parametrize("model", [{"dropout": True, "dropout_rate": 0.5}, {"batchnorm": True}, {}])
 def test_energies_are_in_eval_mode_and_keep_train_mode(model: dict) -> None:
     """Evaluation switches modes only for networks that have them (batchnorm, dropout): the
     same energies as in eval mode, and the network is left training."""
-    cfg = parse_config({"model": {**model, "num_layers": 2, "num_nodes": 6}, "dataset": {"fp_scheme": "weighted"}})
-    spec = fingerprints.spec_from_config(cfg.dataset, ["Cu", "O"])
-    gen = torch.Generator().manual_seed(0)
-    n_atoms = torch.tensor([3, 2, 4])
-    fps = fingerprints.Fingerprints(torch.randn(9, spec.n_features, generator=gen), torch.tensor([0, 1] * 4 + [0]),
-                                    n_atoms, torch.randn(3, generator=gen, dtype=torch.float64))
+    cfg, spec, fps = _tiny_model_data(model)
     torch.manual_seed(0)
     potential = PotentialModel(cfg, spec, fit_scalers(fps, 2), "cpu")
     assert potential.modal == bool(model)
@@ -330,11 +336,7 @@ def test_energies_are_in_eval_mode_and_keep_train_mode(model: dict) -> None:
 def test_a_model_keeps_its_block_layout_on_reload(tmp_path: Path) -> None:
     """A network laid out for the GPU (no CPU padding) reloads on the CPU with the same layout and
     the same predictions, and the CPU layout gives the same function as the plain one."""
-    cfg = parse_config({"model": {"num_layers": 2, "num_nodes": 6}, "dataset": {"fp_scheme": "weighted"}})
-    spec = fingerprints.spec_from_config(cfg.dataset, ["Cu", "O"])
-    gen = torch.Generator().manual_seed(0)
-    fps = fingerprints.Fingerprints(torch.randn(9, spec.n_features, generator=gen), torch.tensor([0, 1] * 4 + [0]),
-                                    torch.tensor([3, 2, 4]), torch.randn(3, generator=gen, dtype=torch.float64))
+    cfg, spec, fps = _tiny_model_data({})
     scalers = fit_scalers(fps, 2)
     torch.manual_seed(0)
     plain = PotentialModel(cfg, spec, scalers, "cpu", cpu_layout=False)
